@@ -1,0 +1,101 @@
+# Loom build. `make` builds libloom (static and shared), the Lua module and
+# bin/loom; `make test` runs the whole suite; `make asan` runs it under
+# AddressSanitizer and UndefinedBehaviorSanitizer. BUILD selects the object
+# directory so several builds (plain, asan) can sit side by side.
+
+BUILD   ?= build
+PREFIX  ?= /usr/local
+CC      ?= cc
+PKG_CONFIG ?= pkg-config
+
+# Debian packages providing each pkg-config module (see mk/deps.sh).
+PKGS := lua5.4 openblas libuv libjpeg libcjson stb readline
+
+OPT     ?= -O2
+ARCHFLAGS ?= -march=native
+CFLAGS_BASE := -std=c11 -D_GNU_SOURCE -Wall -Wextra -fPIC $(OPT) $(ARCHFLAGS) -g
+DEPS_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(PKGS) 2>/dev/null)
+DEPS_LIBS   := $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null)
+CFLAGS  += $(CFLAGS_BASE) $(DEPS_CFLAGS) -Icore -fopenmp
+LDLIBS  += $(DEPS_LIBS) -lm -lpthread -ldl -fopenmp
+
+CORE_SRC := $(wildcard core/*.c)
+CORE_OBJ := $(CORE_SRC:%.c=$(BUILD)/%.o)
+BIND_SRC := $(filter-out lua/main.c,$(wildcard lua/*.c))
+BIND_OBJ := $(BIND_SRC:%.c=$(BUILD)/%.o)
+TEST_SRC := $(wildcard tests/c/test_*.c)
+TEST_BIN := $(TEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
+
+LIB_A   := $(BUILD)/libloom.a
+LIB_SO  := $(BUILD)/libloom.so
+LUA_MOD := $(BUILD)/lua/loom/core.so
+LOOM    := bin/loom
+
+.PHONY: all build deps test asan install clean bench demo
+# Check the packages first, then build in a sub-make so that the pkg-config
+# flags above are read after a missing package has been installed.
+all:
+	@sh mk/deps.sh check $(PKGS)
+	@$(MAKE) --no-print-directory build
+
+build: $(LIB_A) $(LIB_SO) $(LUA_MOD) $(LOOM) $(TEST_BIN)
+
+deps:
+	@sh mk/deps.sh install $(PKGS)
+
+$(BUILD)/%.o: %.c $(wildcard core/*.h lua/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Ilua -c $< -o $@
+
+$(LIB_A): $(CORE_OBJ)
+	@mkdir -p $(dir $@)
+	rm -f $@ && ar rcs $@ $^
+
+$(LIB_SO): $(CORE_OBJ)
+	$(CC) -shared -o $@ $^ $(LDFLAGS) $(LDLIBS)
+
+# The module a stock lua5.4 loads with require "loom.core".
+$(LUA_MOD): $(BIND_OBJ) $(LIB_A)
+	@mkdir -p $(dir $@)
+	$(CC) -shared -o $@ $(BIND_OBJ) $(LIB_A) $(LDFLAGS) $(LDLIBS)
+
+$(LOOM): $(BUILD)/lua/main.o $(BIND_OBJ) $(LIB_A)
+	@mkdir -p bin
+	$(CC) -rdynamic -o $@ $^ $(LDFLAGS) $(LDLIBS)
+
+$(BUILD)/tests/%: tests/c/%.c tests/c/check.h $(LIB_A)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests/c $< -o $@ $(LIB_A) $(LDFLAGS) $(LDLIBS)
+
+test: all
+	@BUILD=$(BUILD) LOOM=$(LOOM) sh tests/run_all.sh
+
+# The whole suite under ASan + UBSan, in its own object directory and binary.
+asan:
+	$(MAKE) BUILD=build-asan LOOM=bin/loom-asan OPT="-O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined" \
+	    LDFLAGS="-fsanitize=address,undefined" test
+
+bench: all
+	@$(LOOM) bench/ops.lua
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include/loom $(DESTDIR)$(PREFIX)/bin \
+	    $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/share/lua/5.4/loom \
+	    $(DESTDIR)$(PREFIX)/lib/lua/5.4/loom
+	install -m 644 $(LIB_A) $(LIB_SO) $(DESTDIR)$(PREFIX)/lib/
+	install -m 644 core/*.h $(DESTDIR)$(PREFIX)/include/loom/
+	install -m 755 $(LOOM) $(DESTDIR)$(PREFIX)/bin/
+	install -m 755 $(LUA_MOD) $(DESTDIR)$(PREFIX)/lib/lua/5.4/loom/core.so
+	cp -r lua/loom/. $(DESTDIR)$(PREFIX)/share/lua/5.4/loom/
+	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(shell sed -n 's/#define LOOM_VERSION "\(.*\)"/\1/p' core/base.h)|' \
+	    mk/loom.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/loom.pc
+
+clean:
+	rm -rf build build-* bin
+
+# Benchmark programs: bench/*.c, each built into $(BUILD)/bench/.
+BENCH_SRC := $(wildcard bench/*.c)
+BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
+$(BUILD)/bench/%: bench/%.c $(LIB_A)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $< -o $@ $(LIB_A) $(LDFLAGS) $(LDLIBS)

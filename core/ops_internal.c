@@ -78,6 +78,21 @@ int loom_out_end(loom_tensor *out, loom_tensor *res, int rc) {
     return rc;
 }
 
+/* ---- views for broadcasting */
+
+void loom_broadcast_view(loom_tensor *dst, const loom_tensor *src, int ndim, const int64_t *shape) {
+    loom_tensor v = *src;
+    int lead = ndim - src->ndim;
+    v.ndim = ndim;
+    for (int d = 0; d < ndim; d++) {
+        int s = d - lead;
+        bool keep = s >= 0 && src->shape[s] == shape[d];
+        v.shape[d] = shape[d];
+        v.strides[d] = keep ? src->strides[s] : 0;
+    }
+    *dst = v;
+}
+
 /* ---- contiguous f32 inputs */
 
 int loom_contiguous_f32(loom_tensor *dst, const loom_tensor *src) {
@@ -199,5 +214,38 @@ void loom_iter_seek(loom_iter *it, int64_t row) {
         row /= it->shape[d];
         it->index[d] = i;
         for (int k = 0; k < it->n; k++) it->ptr[k] += i * it->bstride[k][d];
+    }
+}
+
+void loom_iter_chunks(const loom_iter *it0, int64_t chunk, bool parallel, loom_chunk_fn fn,
+                      const void *ctx) {
+    int64_t inner = it0->inner;
+    int64_t rows = it0->rows;
+    if (inner == 0 || rows == 0) return;
+    if (chunk < 1) chunk = 1;
+
+    if (inner >= chunk) {
+        /* Long rows: each piece is part of one row. */
+        int64_t per_row = (inner + chunk - 1) / chunk;
+        int64_t pieces = rows * per_row;
+#pragma omp parallel for if (parallel) schedule(static)
+        for (int64_t p = 0; p < pieces; p++) {
+            loom_iter it = *it0;
+            int64_t col = (p % per_row) * chunk;
+            loom_iter_seek(&it, p / per_row);
+            fn(&it, col, inner - col < chunk ? inner - col : chunk, ctx);
+        }
+    } else {
+        /* Short rows: each piece is a run of whole rows. */
+        int64_t rows_per = chunk / inner;
+        int64_t pieces = (rows + rows_per - 1) / rows_per;
+#pragma omp parallel for if (parallel) schedule(static)
+        for (int64_t p = 0; p < pieces; p++) {
+            loom_iter it = *it0;
+            int64_t r0 = p * rows_per;
+            int64_t r1 = r0 + rows_per < rows ? r0 + rows_per : rows;
+            loom_iter_seek(&it, r0);
+            for (int64_t r = r0; r < r1; r++, loom_iter_next(&it)) fn(&it, 0, inner, ctx);
+        }
     }
 }

@@ -1,0 +1,15 @@
+/* luaopen_loom_core: the C module "loom.core", which registers every area
+ * of the binding into one table. lua/loom/init.lua builds the `loom`
+ * package on top of it. */
+#include "loom_lua.h"
+
+int luaopen_loom_core(lua_State *L) {
+    lua_newtable(L);
+    loom_open_tensor(L);
+    loom_open_ops(L);
+    luaopen_loom_tokenizer(L);
+    lua_setfield(L, -2, "tokenizer");
+    lua_pushliteral(L, LOOM_VERSION);
+    lua_setfield(L, -2, "version");
+    return 1;
+}

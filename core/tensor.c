@@ -287,7 +287,8 @@ static int tensor_alloc(loom_tensor *t, loom_dtype dtype, int ndim, const int64_
     t->storage = s;
     t->dtype = dtype;
     t->ndim = ndim;
-    memcpy(t->shape, shape, (size_t)ndim * sizeof *shape);
+    if (ndim > 0)
+        memcpy(t->shape, shape, (size_t)ndim * sizeof *shape);
     set_contiguous_strides(t);
     return LOOM_OK;
 }
@@ -317,7 +318,8 @@ int loom_tensor_from_storage(loom_tensor *t, loom_storage *storage, size_t offse
     r.dtype = dtype;
     r.ndim = ndim;
     r.offset = offset;
-    memcpy(r.shape, shape, (size_t)ndim * sizeof *shape);
+    if (ndim > 0)
+        memcpy(r.shape, shape, (size_t)ndim * sizeof *shape);
     set_contiguous_strides(&r);
     loom_storage_retain(storage);
     *t = r;

@@ -1,0 +1,470 @@
+-- LLaVA (Hugging Face LlavaForConditionalGeneration layout): CLIP vision
+-- tower, projector and LLaMA decoder loaded from a checkpoint directory, the
+-- merge of image features into the token sequence, and generation from an
+-- image and a prompt.
+local loom = require("loom.core")
+local json = require("loom.json")
+local nn = require("loom.nn")
+local clip_vision = require("loom.models.clip_vision")
+local llama = require("loom.models.llama")
+local projector = require("loom.connectors.projector")
+local prompt = require("loom.prompt")
+local generate = require("loom.generate")
+
+local M = {}
+
+-- Defaults of transformers' LlavaConfig (4.44) for keys a saved config.json
+-- omits.
+M.defaults = {
+  image_token_index = 32000,
+  projector_hidden_act = "gelu",
+  vision_feature_select_strategy = "default",
+  vision_feature_layer = -2,
+}
+
+-- Tensor name prefixes of the checkpoint layouts, told apart by the name of
+-- the token embedding table: transformers before 4.52 nests the decoder as
+-- language_model.model, later versions as model.language_model.
+local LAYOUTS = {
+  {
+    probe = "language_model.model.embed_tokens.weight",
+    vision = "vision_tower.vision_model",
+    projector = "multi_modal_projector",
+    lm = "language_model.model",
+    head = "language_model.lm_head.weight",
+  },
+  {
+    probe = "model.language_model.embed_tokens.weight",
+    vision = "model.vision_tower.vision_model",
+    projector = "model.multi_modal_projector",
+    lm = "model.language_model",
+    head = "lm_head.weight",
+  },
+}
+
+local function path_join(dir, name)
+  return (dir:gsub("/+$", "")) .. "/" .. name
+end
+
+local function file_exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() return true end
+  return false
+end
+
+local function read_config(path, what)
+  local cfg, err = json.read(path)
+  if cfg == nil then error(string.format("cannot read the %s: %s", what, err), 3) end
+  return cfg
+end
+
+-- ---------------------------------------------------------------------------
+-- Tokenizer files
+
+-- Load the tokenizer of a checkpoint directory: tokenizer.json, or
+-- tokenizer.model plus the ids of added_tokens.json. Returns nil, message
+-- when neither file exists.
+local function load_tokenizer(dir)
+  local tk = loom.tokenizer
+  if tk == nil then error("this build of loom has no tokenizer binding (loom.tokenizer)", 3) end
+  local json_path, model_path = path_join(dir, "tokenizer.json"), path_join(dir, "tokenizer.model")
+  local path = file_exists(json_path) and json_path or file_exists(model_path) and model_path or nil
+  if path == nil then
+    return nil, string.format("no tokenizer in '%s': expected tokenizer.json or tokenizer.model", dir)
+  end
+  local tok, err = tk.load(path)
+  if tok == nil then error(err, 3) end
+
+  -- added tokens in id order, each of which must get the id the file names
+  local added = json.read(path_join(dir, "added_tokens.json"))
+  if added then
+    local list = {}
+    for text, id in pairs(added) do list[#list + 1] = { text, id } end
+    table.sort(list, function(a, b) return a[2] < b[2] end)
+    for _, entry in ipairs(list) do
+      local id = tok:add_token(entry[1], true)
+      if id ~= entry[2] then
+        error(string.format("%s: token '%s' has id %d but the tokenizer gives it id %d",
+          path_join(dir, "added_tokens.json"), entry[1], entry[2], id), 3)
+      end
+    end
+  end
+
+  local settings = {}
+  local tcfg = json.read(path_join(dir, "tokenizer_config.json"))
+  if tcfg and type(tcfg.legacy) == "boolean" then settings.legacy = tcfg.legacy end
+  return tok, nil, settings
+end
+
+-- ---------------------------------------------------------------------------
+-- Loading
+
+local Model = {}
+Model.__index = Model
+
+-- Load a LLaVA checkpoint directory: config.json, model.safetensors (single
+-- or sharded), preprocessor_config.json and tokenizer files.
+-- opts.tokenizer = false and opts.preprocessor = false skip those files
+-- (for callers that give token ids and pixel values themselves).
+function M.load(dir, opts)
+  opts = opts or {}
+  local cfg = read_config(path_join(dir, "config.json"), "model config")
+  if cfg.model_type ~= "llava" then
+    error(string.format("'%s' has model_type '%s', but loom.llava loads 'llava' checkpoints",
+      path_join(dir, "config.json"), tostring(cfg.model_type)), 2)
+  end
+  for k, v in pairs(M.defaults) do
+    if cfg[k] == nil then cfg[k] = v end
+  end
+  local vcfg, tcfg = cfg.vision_config or {}, cfg.text_config or {}
+  if (vcfg.model_type or "clip_vision_model") ~= "clip_vision_model" then
+    error(string.format("%s: vision model_type '%s' is not supported (expected 'clip_vision_model')",
+      path_join(dir, "config.json"), vcfg.model_type), 2)
+  end
+  if (tcfg.model_type or "llama") ~= "llama" then
+    error(string.format("%s: text model_type '%s' is not supported (expected 'llama')",
+      path_join(dir, "config.json"), tcfg.model_type), 2)
+  end
+  if tcfg.tie_word_embeddings == nil then tcfg.tie_word_embeddings = cfg.tie_word_embeddings end
+
+  local weights = loom.load(dir)
+  local layout
+  for _, l in ipairs(LAYOUTS) do
+    if weights[l.probe] then layout = l break end
+  end
+  if layout == nil then
+    error(string.format("'%s' holds no LLaVA language model weights (expected '%s' or '%s')",
+      dir, LAYOUTS[1].probe, LAYOUTS[2].probe), 2)
+  end
+
+  local self = setmetatable({ dir = dir, config = cfg, weights = weights }, Model)
+  self.vision = clip_vision.new(vcfg, weights, layout.vision)
+  self.lm = llama.new(tcfg, weights, layout.lm, layout.head)
+  self.projector = projector.new({
+    weights = weights, prefix = layout.projector, act = cfg.projector_hidden_act,
+    kind = cfg.mm_projector_type,
+    in_features = self.vision.cfg.hidden_size * (type(cfg.vision_feature_layer) == "table" and #cfg.vision_feature_layer or 1),
+    out_features = self.lm.cfg.hidden_size,
+  })
+  self.image_token_id = cfg.image_token_index
+  self.tokens_per_image = self.vision:tokens_per_image(cfg.vision_feature_select_strategy)
+  self.context = self.lm.cfg.max_position_embeddings
+  self.bos_id = self.lm.cfg.bos_token_id
+  self.eos_id = self.lm.cfg.eos_token_id
+  self.pad_id = cfg.pad_token_id or tcfg.pad_token_id
+
+  if opts.preprocessor ~= false then
+    self.preprocessor = read_config(path_join(dir, "preprocessor_config.json"), "image preprocessor config")
+    if cfg.image_aspect_ratio == "pad" then self.preprocessor.pad_to_square = true end
+  end
+  if opts.tokenizer ~= false then
+    local tok, err, settings = load_tokenizer(dir)
+    if tok == nil then error(err, 2) end
+    self.tokenizer, self.tokenizer_settings = tok, settings
+  end
+  return self
+end
+
+-- ---------------------------------------------------------------------------
+-- Images
+
+-- Pixel values (N, 3, S, S) for a list of images, each a file path, a u8
+-- (H, W, 3) image or already preprocessed f32 pixels (3, S, S).
+function Model:preprocess(images)
+  local image = require("loom").image
+  local rows = {}
+  for i, img in ipairs(images) do
+    if loom.is_tensor(img) and img:dtype() == "f32" then
+      rows[i] = img:dim() == 3 and img:unsqueeze(1) or img -- (3, S, S) -> (1, 3, S, S)
+    else
+      if self.preprocessor == nil then
+        error(string.format("no preprocessor_config.json was loaded from '%s' to preprocess images", self.dir), 2)
+      end
+      if type(img) == "string" then
+        local decoded, err = image.load(img)
+        if decoded == nil then error(err, 2) end
+        img = decoded
+      end
+      local pixels = image.preprocess(img, self.preprocessor)
+      rows[i] = pixels:unsqueeze(1) -- (3, S, S) -> (1, 3, S, S)
+    end
+  end
+  return #rows == 1 and rows[1] or loom.cat(rows, 1)
+end
+
+-- Projected image features (N, T_img, D_lm) for pixel values (N, 3, S, S).
+-- opts.hook receives the vision and projector intermediates;
+-- opts.vision_all_layers runs every vision layer (to compare them all).
+function Model:encode_images(pixels, opts)
+  opts = opts or {}
+  local cfg = self.config
+  local features = self.vision:features(pixels, cfg.vision_feature_layer, cfg.vision_feature_select_strategy,
+    opts.hook, opts.vision_all_layers)
+  return self.projector:forward(features, opts.hook)
+end
+
+-- ---------------------------------------------------------------------------
+-- Merging image features into the token sequence
+
+local function count_image_tokens(ids, image_id)
+  local n = 0
+  for _, id in ipairs(ids) do
+    if id == image_id then n = n + 1 end
+  end
+  return n
+end
+
+-- Embed one row of ids with its image tokens replaced by features. In the
+-- legacy form (one image token per image) each image token becomes all of
+-- its image's feature rows; in the expanded form (tokens_per_image image
+-- tokens per image) each image token takes one feature row. `flat` holds the
+-- feature rows of this row's images (n_images * T_img, D).
+-- Returns the segments (1, n, D) in order and the merged per-position mask.
+function Model:merge_row(ids, mask, flat, legacy)
+  local image_id, per_image = self.image_token_id, self.tokens_per_image
+
+  -- embed the text tokens in one lookup; image token positions look up id 0
+  local clean = {}
+  for i, id in ipairs(ids) do clean[i] = id == image_id and 0 or id end
+  local embeds = self.lm:embed(loom.tensor({ clean }, "i64")) -- (1, T, D)
+
+  local segments, merged_mask = {}, {}
+  local run_start, feature_row = nil, 1
+  local function flush(upto)
+    if run_start then
+      segments[#segments + 1] = embeds:narrow(2, run_start, upto - run_start + 1)
+      run_start = nil
+    end
+  end
+  local i = 1
+  while i <= #ids do
+    local m = mask and mask[i] or 1
+    if ids[i] ~= image_id then
+      run_start = run_start or i
+      merged_mask[#merged_mask + 1] = m
+      i = i + 1
+    else
+      flush(i - 1)
+      -- legacy: one token takes a whole image; expanded: a run of tokens
+      local take, j = legacy and per_image or 0, i
+      if legacy then
+        j = i + 1
+      else
+        while j <= #ids and ids[j] == image_id do take, j = take + 1, j + 1 end
+      end
+      segments[#segments + 1] = flat:narrow(1, feature_row, take):unsqueeze(1) -- (take, D) -> (1, take, D)
+      for _ = 1, take do merged_mask[#merged_mask + 1] = m end
+      feature_row = feature_row + take
+      i = j
+    end
+  end
+  flush(#ids)
+  return segments, merged_mask
+end
+
+-- Build the decoder input for a batch. `rows` is a list of id lists,
+-- `masks` an optional list of 0/1 lists (1 = real token), `features`
+-- (N_images, T_img, D) in the order the image tokens appear, row by row.
+-- Rows are left-padded to the longest; positions count real tokens only.
+-- Returns inputs_embeds (B, T, D), the key mask (B, T) u8 (nil when nothing
+-- is padded), positions (B, T) i64 and per row the next position.
+function Model:build_inputs(rows, masks, features, hook)
+  local d = self.lm.cfg.hidden_size
+  local flat = features and features:reshape(features:size(1) * features:size(2), d) -- (N, T_img, D) -> (N * T_img, D)
+  local per_image = self.tokens_per_image
+  local total_images = features and features:size(1) or 0
+
+  -- one image token per image (legacy) or tokens_per_image per image
+  local counts, total_tokens = {}, 0
+  for r, ids in ipairs(rows) do
+    counts[r] = count_image_tokens(ids, self.image_token_id)
+    total_tokens = total_tokens + counts[r]
+  end
+  local legacy = total_tokens == total_images
+  if not legacy and total_tokens ~= total_images * per_image then
+    error(string.format("input has %d image tokens (id %d) but %d image%s given: expected %d image tokens, or %d when each image is expanded to %d",
+      total_tokens, self.image_token_id, total_images, total_images == 1 and " was" or "s were", total_images,
+      total_images * per_image, per_image), 2)
+  end
+
+  local merged, merged_masks, longest = {}, {}, 0
+  local image_index = 0
+  for r, ids in ipairs(rows) do
+    local n_images = legacy and counts[r] or counts[r] // per_image
+    if not legacy and counts[r] % per_image ~= 0 then
+      error(string.format("row %d has %d image tokens, which is not a multiple of the %d tokens of one image",
+        r, counts[r], per_image), 2)
+    end
+    local row_flat = n_images > 0 and flat:narrow(1, image_index * per_image + 1, n_images * per_image)
+    image_index = image_index + n_images
+    merged[r], merged_masks[r] = self:merge_row(ids, masks and masks[r], row_flat, legacy)
+    longest = math.max(longest, #merged_masks[r])
+  end
+
+  -- left padding, key mask and positions (cumulative count of real tokens
+  -- minus one; padding positions get 1, as Hugging Face's generate does)
+  local rows_embeds, mask_rows, position_rows, next_positions = {}, {}, {}, {}
+  local padded = false
+  for r = 1, #rows do
+    local pad = longest - #merged_masks[r]
+    local parts = {}
+    if pad > 0 then parts[1] = loom.zeros({ 1, pad, d }) end
+    for _, seg in ipairs(merged[r]) do parts[#parts + 1] = seg end
+    rows_embeds[r] = #parts == 1 and parts[1] or loom.cat(parts, 2)
+    local mrow, prow, count = {}, {}, 0
+    for i = 1, longest do
+      local m = i > pad and merged_masks[r][i - pad] or 0
+      if m == 0 then padded = true end
+      count = count + m
+      mrow[i], prow[i] = m, m == 1 and count - 1 or 1
+    end
+    mask_rows[r], position_rows[r], next_positions[r] = mrow, prow, count
+  end
+  local inputs_embeds = #rows_embeds == 1 and rows_embeds[1] or loom.cat(rows_embeds, 1)
+  local positions = loom.tensor(position_rows, "i64")
+  local key_mask = loom.tensor(mask_rows, "u8")
+  nn.tap(hook, "lm.inputs_embeds_merged", inputs_embeds)
+  nn.tap(hook, "lm.position_ids", positions)
+  nn.tap(hook, "lm.attention_mask_merged", key_mask)
+  return inputs_embeds, padded and key_mask or nil, positions, next_positions
+end
+
+local function tensor_rows(t)
+  if t == nil then return nil end
+  if loom.is_tensor(t) then
+    if t:dim() == 1 then t = t:unsqueeze(1) end -- (T) -> (1, T)
+    return t:totable()
+  end
+  if type(t[1]) ~= "table" then return { t } end
+  return t
+end
+
+-- Run the whole model once, without a cache.
+--   args.input_ids       (B, T) ids as a tensor or Lua lists
+--   args.attention_mask  (B, T) 0/1 (optional)
+--   args.pixel_values    (N, 3, S, S), or args.images (paths or u8 images)
+--   args.hook, args.vision_all_layers, args.logits ("all" default, "last")
+-- Returns logits (B, T_merged, V) and the merged inputs' positions.
+function Model:forward(args)
+  local pixels = args.pixel_values or (args.images and self:preprocess(args.images))
+  local features = pixels and self:encode_images(pixels, args)
+  local inputs_embeds, key_mask, positions = self:build_inputs(tensor_rows(args.input_ids),
+    tensor_rows(args.attention_mask), features, args.hook)
+  local logits = self.lm:forward({ inputs_embeds = inputs_embeds, positions = positions, key_mask = key_mask,
+    hook = args.hook, logits = args.logits or "all" })
+  nn.tap(args.hook, "logits", logits)
+  return logits, positions
+end
+
+-- ---------------------------------------------------------------------------
+-- Generation
+
+local function as_list(v)
+  if v == nil then return {} end
+  if type(v) == "table" and not loom.is_tensor(v) then return v end
+  return { v }
+end
+
+-- Token ids of each prompt and the images in the order their markers come.
+function Model:encode_prompts(args)
+  local texts, per_prompt_images
+  if args.prompts then
+    texts = args.prompts
+    per_prompt_images = {}
+    for i = 1, #texts do per_prompt_images[i] = as_list(args.images and args.images[i]) end
+  else
+    local text = args.prompt
+    if text == nil and args.question then
+      local n = #as_list(args.images or args.image)
+      text = prompt.llava_v1(args.question, { images = n })
+    end
+    texts = { text }
+    per_prompt_images = { as_list(args.images or args.image) }
+  end
+
+  local rows, images = {}, {}
+  for i, text in ipairs(texts) do
+    if type(text) ~= "string" then error(string.format("prompt %d is not a string", i), 3) end
+    if self.tokenizer == nil then
+      error(string.format("no tokenizer was loaded from '%s' to encode the prompt", self.dir), 3)
+    end
+    local ok, ids = pcall(prompt.encode, self.tokenizer, text, {
+      images = #per_prompt_images[i], image_token_id = self.image_token_id, bos_id = self.bos_id,
+      tokens_per_image = self.tokens_per_image, context = self.context,
+      legacy = self.tokenizer_settings and self.tokenizer_settings.legacy,
+    })
+    if not ok then error(#texts > 1 and string.format("prompt %d: %s", i, ids) or ids, 3) end
+    rows[i] = ids
+    for _, img in ipairs(per_prompt_images[i]) do images[#images + 1] = img end
+  end
+  return rows, images
+end
+
+-- Generate text from images and prompts.
+--   args.image / args.images   one image or a list (paths, u8 images or f32 pixels)
+--   args.prompt                text whose "<image>" markers match the images
+--   args.question              a question put into the llava_v1 template instead
+--   args.prompts               a batch: a list of prompts, args.images[i] the
+--                              image (or list) of prompt i; rows are left-padded
+--   args.input_ids             token ids instead of text (a list, lists or a tensor)
+--   args.max_new_tokens (default 32), temperature, top_k, top_p, seed,
+--   do_sample, repetition_penalty, stop, stream, eos_token_id, on_logits
+-- Returns, for one prompt, { text, tokens, finish_reason, prompt_ids };
+-- for args.prompts a list of those.
+function Model:generate(args)
+  local rows, images
+  if args.input_ids then
+    rows, images = tensor_rows(args.input_ids), as_list(args.images or args.image)
+  else
+    rows, images = self:encode_prompts(args)
+  end
+
+  local pixels = #images > 0 and self:preprocess(images) or nil
+  local features = pixels and self:encode_images(pixels, args)
+  local inputs_embeds, key_mask, positions, next_positions = self:build_inputs(rows,
+    tensor_rows(args.attention_mask), features, args.hook)
+  local b, t = inputs_embeds:size(1), inputs_embeds:size(2)
+  if t > self.context then
+    error(string.format("input is %d positions long but the context holds %d: %d too many", t, self.context,
+      t - self.context), 2)
+  end
+
+  local max_new = args.max_new_tokens or 32
+  local room = math.min(max_new, self.context - t)
+  local cache = self.lm:new_cache(b, t + math.max(room, 0))
+  local lm = self.lm
+  local session = {
+    batch = b,
+    prompt_ids = rows,
+    room = room,
+    prefill = function()
+      local logits = lm:forward({ inputs_embeds = inputs_embeds, positions = positions, key_mask = key_mask,
+        cache = cache, logits = "last", hook = args.hook })
+      return logits:select(2, 1) -- (B, 1, V) -> (B, V)
+    end,
+    step = function(tokens)
+      local ids, pos = {}, {}
+      for r = 1, b do
+        ids[r], pos[r] = { tokens[r] }, { next_positions[r] }
+        next_positions[r] = next_positions[r] + 1
+      end
+      local logits = lm:forward({ input_ids = loom.tensor(ids, "i64"), positions = loom.tensor(pos, "i64"),
+        cache = cache, logits = "last" })
+      return logits:select(2, 1) -- (B, 1, V) -> (B, V)
+    end,
+  }
+
+  local eos = args.eos_token_id or self.eos_id
+  local results = generate.run(session, {
+    max_new_tokens = max_new, temperature = args.temperature, top_k = args.top_k, top_p = args.top_p,
+    do_sample = args.do_sample, seed = args.seed, repetition_penalty = args.repetition_penalty,
+    eos_token_id = eos, pad_token_id = self.pad_id, stop = args.stop, stream = args.stream,
+    tokenizer = self.tokenizer, on_logits = args.on_logits,
+  })
+  for r, res in ipairs(results) do res.prompt_ids = rows[r] end
+  if args.prompts then return results end
+  return results[1]
+end
+
+M.Model = Model
+return M

@@ -1,6 +1,6 @@
 /* Element-wise operators: broadcasting, binary arithmetic and comparisons,
  * unary math and activations, and where. Float math is done in f32 with the
- * same formulas as PyTorch's CPU kernels; integer math is done in i64. */
+ * same formulas as PyTorch's CPU kernels, and integer math in i64. */
 #include <math.h>
 
 #include "ops_internal.h"

@@ -15,8 +15,8 @@ static int64_t load_index(const char *p, loom_dtype dtype) {
 }
 
 /* Find the first index of `index` (i32 or i64, any view) outside [0, limit).
- * Returns its flat position in row-major order, or -1 when all are valid;
- * *value gets the bad index. */
+ * Returns its flat position in row-major order and stores the index in
+ * *value, or returns -1 when all are valid. */
 static int64_t find_bad_index(const loom_tensor *index, int64_t limit, int64_t *value) {
     const loom_tensor *ops[1] = {index};
     loom_iter it;

@@ -104,8 +104,8 @@ static inline double loom_load_f64(const void *p, loom_dtype dtype) {
     }
 }
 
-/* Float dtypes truncate toward zero; callers check the range first where it
- * matters (a NaN or out-of-range float gives an unspecified integer). */
+/* Float dtypes truncate toward zero, and NaN or a value outside int64_t
+ * gives 0. */
 static inline int64_t loom_load_i64(const void *p, loom_dtype dtype) {
     switch (dtype) {
     case LOOM_I32: return *(const int32_t *)p;
@@ -119,8 +119,9 @@ static inline int64_t loom_load_i64(const void *p, loom_dtype dtype) {
     }
 }
 
-/* Store `v` converted to `dtype`: f16/bf16 round to nearest even, integers
- * truncate toward zero and wrap as C's conversions of int64_t do. */
+/* Store `v` converted to `dtype`. f16/bf16 round to nearest even. Integer
+ * dtypes get v truncated toward zero to int64_t and then wrapped to their
+ * width, and NaN or a value outside int64_t gives 0. */
 static inline void loom_store_f32(void *p, loom_dtype dtype, float v) {
     switch (dtype) {
     case LOOM_F32: *(float *)p = v; break;
@@ -160,9 +161,9 @@ static inline float loom_expf(float x) {
 
     float t = x * log2e + round_magic;
     float n = t - round_magic;
-    int32_t bits;
+    uint32_t bits;
     memcpy(&bits, &t, sizeof bits);
-    int32_t ni = bits - 0x4B400000; /* the integer n, from t's low mantissa bits */
+    int32_t ni = (int32_t)(bits - 0x4B400000u); /* the integer n, from t's low mantissa bits */
     float r = fmaf(-n, ln2_hi, x);
     r = fmaf(-n, ln2_lo, r);
 
@@ -177,8 +178,9 @@ static inline float loom_expf(float x) {
 
     int32_t n1 = ni >> 1;
     int32_t n2 = ni - n1;
-    int32_t b1 = (n1 + 127) << 23;
-    int32_t b2 = (n2 + 127) << 23;
+    /* Unsigned shifts, because a NaN input leaves n out of range. */
+    uint32_t b1 = (uint32_t)(n1 + 127) << 23;
+    uint32_t b2 = (uint32_t)(n2 + 127) << 23;
     float s1, s2;
     memcpy(&s1, &b1, sizeof s1);
     memcpy(&s2, &b2, sizeof s2);
@@ -226,14 +228,15 @@ typedef struct loom_iter {
     int64_t rows;                                   /* number of rows (0 when numel is 0) */
 } loom_iter;
 
-/* Set up iteration over `n` (at most LOOM_ITER_MAX_OPERANDS) tensors whose
- * shapes are equal, except that dimension `skip_dim` (or none when
- * skip_dim < 0) is left out of the iteration for every operand; reductions
- * walk that dimension themselves. Positions the iterator at row 0. */
+/* Set up iteration over `n` (at most LOOM_ITER_MAX_OPERANDS) tensors with
+ * equal shapes and equal numbers of dimensions. Dimension `skip_dim` (none
+ * when skip_dim < 0) is left out for every operand, so that a reduction can
+ * walk it itself, and only ops[0]'s sizes are read. Positions the iterator at
+ * row 0. */
 void loom_iter_init(loom_iter *it, int n, const loom_tensor *const *ops, int skip_dim);
 /* Move to row `row` (0 <= row < rows). */
 void loom_iter_seek(loom_iter *it, int64_t row);
-/* Processes elements [col, col + n) of the iterator's current row; it must
+/* Processes elements [col, col + n) of the iterator's current row. It must
  * not fail, because it may run on an OpenMP thread. */
 typedef void (*loom_chunk_fn)(const loom_iter *it, int64_t col, int64_t n, const void *ctx);
 /* Call fn over every element of the iteration in pieces of at most `chunk`
@@ -241,7 +244,7 @@ typedef void (*loom_chunk_fn)(const loom_iter *it, int64_t col, int64_t n, const
  * `parallel` is true. fn gets its own positioned copy of the iterator. */
 void loom_iter_chunks(const loom_iter *it, int64_t chunk, bool parallel, loom_chunk_fn fn,
                       const void *ctx);
-/* Move to the next row; after the last row the pointers are unspecified. */
+/* Move to the next row. After the last row the pointers are unspecified. */
 static inline void loom_iter_next(loom_iter *it) {
     for (int d = it->ndim - 1; d >= 0; d--) {
         if (++it->index[d] < it->shape[d]) {

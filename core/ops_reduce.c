@@ -1,6 +1,6 @@
 /* Reductions over one dimension (sum, mean, max, min, argmax), softmax with
- * masks, layer norm and RMS norm. Sums are accumulated in double so long rows
- * stay accurate; everything else follows PyTorch's CPU float32 formulas. */
+ * masks, layer norm and RMS norm. Sums are accumulated in double so that long
+ * rows stay accurate. Everything else follows PyTorch's CPU float32 formulas. */
 #include <math.h>
 #include <omp.h>
 
@@ -32,7 +32,8 @@ static void reduced_view(loom_tensor *v, const loom_tensor *res, const loom_tens
     }
 }
 
-/* The shape of x reduced over `dim`; returns its number of dimensions. */
+/* Write the shape of x reduced over `dim` into shape and return its number
+ * of dimensions. */
 static int reduced_shape(const loom_tensor *x, int dim, bool keepdim, int64_t *shape) {
     int n = 0;
     for (int d = 0; d < x->ndim; d++) {
@@ -179,7 +180,7 @@ static void reduce_integer_chunk(const loom_iter *it, int64_t col, int64_t n, co
 }
 
 /* A 0-dimensional x is reduced over itself when dim is 0 or -1, as in
- * PyTorch; the result is x's value (MEAN and float inputs as f32). */
+ * PyTorch. The result is then x's value (as f32 for MEAN and float inputs). */
 int loom_reduce(loom_tensor *out, const loom_tensor *x, int dim, bool keepdim, loom_reduce_op op) {
     const char *name = reduce_name(op);
     if (name == NULL) return loom_error("reduce: unknown operation %d", (int)op);
@@ -367,17 +368,17 @@ static void apply_mask(const softmax_ctx *ctx, float *row, const char *m) {
  * computes it: exp(x - max) scaled by 1 / sum, and for log_softmax
  * x - (max + log(sum)). A row whose max is -inf (all positions excluded)
  * gives zeros, or -inf for log_softmax. */
-static void softmax_row(float *row, int64_t k, bool log) {
+static void softmax_row(float *row, int64_t k, bool log_softmax) {
     float m = -INFINITY;
 #pragma omp simd reduction(max : m)
     for (int64_t r = 0; r < k; r++) m = row[r] > m ? row[r] : m;
     if (m == -INFINITY) {
-        float fill = log ? -INFINITY : 0.0f;
+        float fill = log_softmax ? -INFINITY : 0.0f;
         for (int64_t r = 0; r < k; r++) row[r] = fill;
         return;
     }
     double sum = 0.0;
-    if (log) {
+    if (log_softmax) {
 #pragma omp simd reduction(+ : sum)
         for (int64_t r = 0; r < k; r++) sum += loom_expf(row[r] - m);
         float shift = m + logf((float)sum);

@@ -121,7 +121,9 @@ static inline void make_input(loom_tensor *t, loom_dtype dtype, int ndim, const 
 /* A random float dtype: f32 half of the time, otherwise f16 or bf16. */
 static inline loom_dtype random_float_dtype(void) {
     int r = (int)rng_int(0, 3);
-    return r == 2 ? LOOM_F16 : r == 3 ? LOOM_BF16 : LOOM_F32;
+    if (r == 2) return LOOM_F16;
+    if (r == 3) return LOOM_BF16;
+    return LOOM_F32;
 }
 
 static inline layout random_layout(void) { return (layout)rng_int(0, LAYOUT_COUNT - 1); }
@@ -154,6 +156,16 @@ static inline bool check_shape(const loom_tensor *t, loom_dtype dtype, int ndim,
 static inline bool same_value(double a, double b) {
     if (isnan(a) || isnan(b)) return isnan(a) && isnan(b);
     return a == b;
+}
+
+/* Check the first n values of t in row-major order, one check per element
+ * (NaN matches NaN). */
+static inline void check_flat_values(const loom_tensor *t, const double *want, int n,
+                                     const char *what) {
+    for (int i = 0; i < n; i++) {
+        double got = loom_tensor_get_flat(t, i);
+        CHECK(same_value(got, want[i]), "%s at %d: got %g, expected %g", what, i, got, want[i]);
+    }
 }
 
 /* |got - want| <= tol, where infinities and NaN must match exactly. */

@@ -1,8 +1,8 @@
 /* Loom core: the tokenizer object shared by every format — vocabulary and
  * merge tables, added tokens, format detection, the encode entry point,
- * decoding and the streaming decoder. Format readers live in
- * tokenizer_sp.c (.model) and tokenizer_json.c (tokenizer.json, GPT-2 files);
- * the encoders in tokenizer_sp.c, tokenizer_pipeline.c and tokenizer_bpe.c. */
+ * decoding and the streaming decoder. The format readers are in
+ * tokenizer_sp.c (.model) and tokenizer_json.c (tokenizer.json, GPT-2 files),
+ * and the encoders in tokenizer_sp.c, tokenizer_pipeline.c and tokenizer_bpe.c. */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -180,7 +180,7 @@ static int pairmap_grow(tok_pairmap *m) {
     return LOOM_OK;
 }
 
-/* Insert a merge; a pair that is already present keeps its first (lower)
+/* Insert a merge. A pair that is already present keeps its first (lower)
  * rank, as HF's BPE does when merges repeat. */
 int tok_pairmap_put(tok_pairmap *m, int32_t left, int32_t right, int32_t rank, int32_t result) {
     if ((m->count + 1) * 2 > m->cap && pairmap_grow(m))
@@ -381,11 +381,10 @@ static const char *file_dir_end(const char *path) {
 }
 
 /* Whether a JSON document is a tokenizer.json (an object with "model"), as
- * opposed to a flat {"piece": id} vocabulary. Only looks at the top level. */
+ * opposed to a flat {"piece": id} vocabulary. A vocabulary maps every key to
+ * a number, so the text `"model": {` can only occur in a tokenizer.json,
+ * and searching for it avoids parsing the file twice. */
 static bool looks_like_tokenizer_json(const char *text, size_t len) {
-    /* A tokenizer.json names its "model" object; a vocabulary maps pieces
-     * to numbers. Checking for the key "model" followed by ':' and '{' is
-     * enough to tell them apart without parsing twice. */
     const char *p = text, *end = text + len;
     while (p < end && (p = memchr(p, '"', (size_t)(end - p))) != NULL) {
         if ((size_t)(end - p) >= 8 && memcmp(p, "\"model\"", 7) == 0) {
@@ -707,19 +706,24 @@ typedef struct decode_state {
 static int parse_byte_piece(const tok_piece *p) {
     if (p->len != 6 || memcmp(p->text, "<0x", 3) != 0 || p->text[5] != '>')
         return -1;
-    int v = 0;
+    int value = 0;
     for (int i = 3; i < 5; i++) {
         char c = p->text[i];
-        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-        if (d < 0)
+        int digit;
+        if (c >= '0' && c <= '9')
+            digit = c - '0';
+        else if (c >= 'A' && c <= 'F')
+            digit = c - 'A' + 10;
+        else
             return -1;
-        v = v * 16 + d;
+        value = value * 16 + digit;
     }
-    return v;
+    return value;
 }
 
-/* Append U+2581-escaped text with each U+2581 turned back into a space;
- * `strip_one` drops one leading U+2581 first. Returns whether it dropped. */
+/* Append U+2581-escaped text with each U+2581 turned back into a space.
+ * With `strip_one`, one leading U+2581 is dropped first and *stripped tells
+ * whether there was one. */
 static int append_unescaped(tok_buf *raw, const char *s, size_t n, bool strip_one,
                             bool *stripped) {
     static const char meta[3] = {(char)0xE2, (char)0x96, (char)0x81};

@@ -112,9 +112,11 @@ int loom_tokenizer_decode(const loom_tokenizer *tok, const int32_t *ids, size_t 
                           const loom_decode_opts *opts, char **text, size_t *len);
 
 /* Incremental decoding for streaming generation: push ids one at a time and
- * get back only complete UTF-8 characters; bytes of a character that is not
- * complete yet are held until it is. The concatenation of everything pushed
- * and the final flush equals loom_tokenizer_decode of all the ids. */
+ * get back only complete UTF-8 characters. Bytes of a character that is not
+ * complete yet are held until it is. The concatenation of all chunks and the
+ * final flush equals loom_tokenizer_decode of the same ids, except for
+ * WordPiece, whose clean-up of spaces before punctuation only
+ * loom_tokenizer_decode applies. */
 typedef struct loom_decode_stream loom_decode_stream;
 
 /* Create a stream over `tok`, which must outlive it (`opts` may be NULL). */

@@ -1,8 +1,8 @@
 /* Loom core: the BPE merge loop shared by every BPE tokenizer, and GPT-2's
  * pre-tokenizer regex. Merges run on a linked list of symbols with a binary
- * heap of candidate pairs: sentencepiece picks the pair whose merged piece
+ * heap of candidate pairs. Sentencepiece picks the pair whose merged piece
  * has the highest score, Hugging Face's BPE the pair with the lowest merge
- * rank; both break ties by the leftmost position. */
+ * rank, and both break ties by the leftmost position. */
 #include <stdlib.h>
 #include <string.h>
 

@@ -1,6 +1,7 @@
 /* Loom core: the tokenizer's internal representation, shared by the loaders
- * (tokenizer_sp.c, tokenizer_json.c, tokenizer_bpe.c), the encoders and the
- * decoder (tokenizer.c). Not part of the public API. */
+ * (tokenizer_sp.c, tokenizer_json.c, tokenizer_pipeline.c), the encoders
+ * (tokenizer_bpe.c, tokenizer_sp.c, tokenizer_pipeline.c) and tokenizer.c.
+ * Not part of the public API. */
 #ifndef LOOM_TOKENIZER_INTERNAL_H
 #define LOOM_TOKENIZER_INTERNAL_H
 
@@ -21,7 +22,7 @@ enum {
     PIECE_ADDED = 7, /* Loom's own: a non-special token added at run time or by tokenizer.json */
 };
 
-/* Upper bounds on what a tokenizer file may declare; larger values are
+/* Upper bounds on what a tokenizer file may declare. Larger values are
  * rejected as malformed before anything is allocated for them. */
 #define TOK_MAX_VOCAB (16 * 1024 * 1024)
 #define TOK_MAX_PIECE_BYTES (64 * 1024)
@@ -97,7 +98,7 @@ typedef struct tok_norm_step {
 /* Steps of a Hugging Face pre-tokenizer, each applied to every word the
  * previous step produced. */
 typedef enum tok_pre_kind {
-    PRE_METASPACE,   /* replace ' ' by a, prepend per `prepend`, optionally split */
+    PRE_METASPACE,   /* replace ' ' by `replacement`, prepend per `prepend`, optionally split */
     PRE_BYTE_LEVEL,  /* GPT-2 regex split (use_regex), then bytes-to-unicode */
     PRE_BERT,        /* split on white space and punctuation */
     PRE_WHITESPACE_SPLIT,
@@ -154,7 +155,7 @@ struct loom_tokenizer {
     int32_t special_ids[4]; /* indexed by loom_special_token */
     loom_encode_opts defaults;
 
-    /* added tokens, matched in text; by_first_byte indexes added_ids */
+    /* ids of the added tokens, matched whole in text */
     int32_t *added_ids;
     size_t n_added, cap_added;
 

@@ -1,8 +1,8 @@
 /* Loom core: readers for Hugging Face's tokenizer.json and GPT-2's
  * encoder.json + vocab.bpe, parsed with cJSON. They translate the file's
  * normalizer, pre-tokenizer, model, post-processor and decoder into the
- * pipeline steps of tokenizer_internal.h; a component the pipeline cannot
- * reproduce is an error naming it, never silently ignored. */
+ * pipeline steps of tokenizer_internal.h. A component the pipeline cannot
+ * reproduce is an error that names it. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -264,8 +264,8 @@ static int read_added_tokens(loom_tokenizer *tok, const cJSON *added) {
         p->rstrip = get_bool(t, "rstrip", false);
         p->single_word = get_bool(t, "single_word", false);
         /* NOTE: tokens with "normalized": true are matched in the raw text,
-         * not in the normalized text as HF does; the two differ only when
-         * the normalizer changes the token's own characters. */
+         * while HF matches them in the normalized text. The two differ only
+         * when the normalizer changes the token's own characters. */
         index++;
     }
     return LOOM_OK;
@@ -326,8 +326,8 @@ static int read_normalizer(loom_tokenizer *tok, const cJSON *norm, int depth) {
     if (strcmp(type, "Lowercase") == 0)
         return push_norm(tok, (tok_norm_step){.kind = NORM_LOWERCASE});
     if (strcmp(type, "NFC") == 0) {
-        /* NOTE: NFC composition is not implemented; text that is already
-         * NFC (nearly all text) encodes as HF does, decomposed input may not. */
+        /* NOTE: NFC composition is not implemented. Text already in NFC
+         * encodes as HF does, but decomposed input (e + U+0301) may not. */
         loom_log(LOOM_LOG_DEBUG, "%s: NFC normalizer: input is assumed to be in NFC", tok->name);
         return push_norm(tok, (tok_norm_step){.kind = NORM_NFC_ASSUMED});
     }
@@ -620,8 +620,8 @@ static int load_hf_json_root(loom_tokenizer *tok, const cJSON *root) {
     if (read_added_tokens(tok, cJSON_GetObjectItemCaseSensitive(root, "added_tokens")))
         return LOOM_ERR;
 
-    /* SentencePiece-style tokenizers prepend U+2581 on every segment unless a
-     * Metaspace pre-tokenizer says otherwise. */
+    /* A Prepend normalizer applies to every segment (legacy 1) unless a
+     * Metaspace pre-tokenizer with prepend_scheme "first" sets legacy 0. */
     tok->defaults = (loom_encode_opts){0, 0, 1, 1};
     if (read_normalizer(tok, cJSON_GetObjectItemCaseSensitive(root, "normalizer"), 0) ||
         read_pre_tokenizer(tok, cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer"), 0) ||

@@ -10,8 +10,8 @@
 
 static const unsigned char replacement_utf8[3] = {0xEF, 0xBF, 0xBD}; /* U+FFFD */
 
-/* The well-formed UTF-8 byte sequences (Unicode 14, table 3-7): the allowed
- * range of the second byte depends on the lead byte; later continuation
+/* The well-formed UTF-8 byte sequences of Unicode 14, table 3-7. The allowed
+ * range of the second byte depends on the lead byte, and later continuation
  * bytes are 80..BF. */
 int tok_utf8_check(const unsigned char *s, size_t n, size_t *len) {
     unsigned char b0 = s[0];

@@ -34,9 +34,9 @@ def category(cp):
 
 
 def is_white_space(cp):
-    # The Unicode White_Space property, which is what \s matches in the regex
-    # engines the reference pre-tokenizers use. str.isspace() also accepts
-    # U+001C..U+001F (bidi class B/S separators without White_Space).
+    # The Unicode White_Space property, which is what \s matches in Python's
+    # `regex` module (used by transformers' GPT2Tokenizer). str.isspace() also
+    # accepts U+001C..U+001F (bidi class B/S separators without White_Space).
     return chr(cp).isspace() and not 0x1C <= cp <= 0x1F
 
 
@@ -64,6 +64,7 @@ def emit_mapping(name, pool_name, entries, comment):
     for cp, seq in entries:
         rows.append((cp, len(pool), len(seq)))
         pool.extend(seq)
+
     print(f"/* {comment} ({len(rows)} entries) */")
     print(f"static const uint32_t {pool_name}[] = {{")
     line = "   "
@@ -76,6 +77,7 @@ def emit_mapping(name, pool_name, entries, comment):
     if line.strip():
         print(line)
     print("};")
+
     print(f"static const uint32_t {name}[][3] = {{")
     line = "   "
     for cp, off, cnt in rows:

@@ -1,12 +1,12 @@
-/* Tests of core/tokenizer*.c against the reference ids in tests/golden/tokenizers
+/* Tests of core/tokenizer*.c. The reference ids in tests/golden/tokenizers
  * (sentencepiece 0.1.97, transformers 4.44.2 slow tokenizers, the npm GPT-2
- * encoder), read at run time: GPT-2 byte-level BPE from encoder.json +
- * vocab.bpe and from a tokenizer.json built here from the same files, the
- * SentencePiece BPE model from its .model file (plain, HF legacy and
- * non-legacy) and from tokenizer.json files built here from vocab.json the way
- * transformers' LlamaConverter builds them; decoding and streaming decoding;
- * WordPiece on a small hand-made vocabulary; malformed files and invalid
- * UTF-8 input. */
+ * encoder) are read at run time and checked for GPT-2 byte-level BPE loaded
+ * from encoder.json + vocab.bpe and from a tokenizer.json built here, and for
+ * the SentencePiece BPE model loaded from its .model file (plain, HF legacy
+ * and non-legacy) and from tokenizer.json files built from vocab.json the way
+ * transformers' LlamaConverter builds them. Also covered: decoding, streaming
+ * decoding, WordPiece and small tokenizer.json files with hand-derived ids,
+ * malformed files and invalid UTF-8 input. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -216,7 +216,7 @@ static void check_gpt2_cases(const char *what, const loom_tokenizer *tok, const 
 
 /* GPT-2's tokenizer.json as the HF conversion writes it: the same vocabulary
  * and merges, ByteLevel pre-tokenizer and decoder, <|endoftext|> added. */
-static void write_gpt2_tokenizer_json(const char *path) {
+static void write_gpt2_tokenizer_json(const char *path, bool add_prefix_space) {
     cJSON *vocab = read_json(GOLDEN "/gpt2_bpe/encoder.json");
     char *merges_text = read_text(GOLDEN "/gpt2_bpe/vocab.bpe", NULL);
     if (!vocab || !merges_text)
@@ -244,7 +244,7 @@ static void write_gpt2_tokenizer_json(const char *path) {
     cJSON_AddNullToObject(root, "normalizer");
     cJSON *pre = cJSON_AddObjectToObject(root, "pre_tokenizer");
     cJSON_AddStringToObject(pre, "type", "ByteLevel");
-    cJSON_AddBoolToObject(pre, "add_prefix_space", 0);
+    cJSON_AddBoolToObject(pre, "add_prefix_space", add_prefix_space);
     cJSON_AddBoolToObject(pre, "trim_offsets", 1);
     cJSON_AddBoolToObject(pre, "use_regex", 1);
     cJSON *post = cJSON_AddObjectToObject(root, "post_processor");
@@ -274,7 +274,7 @@ static void test_gpt2(void) {
     CHECK_OK(loom_tokenizer_load_bpe_files(&files, GOLDEN "/gpt2_bpe/encoder.json",
                                            GOLDEN "/gpt2_bpe/vocab.bpe"));
     CHECK_OK(loom_tokenizer_load(&detected, GOLDEN "/gpt2_bpe/encoder.json"));
-    write_gpt2_tokenizer_json(tmp("gpt2_tokenizer.json"));
+    write_gpt2_tokenizer_json(tmp("gpt2_tokenizer.json"), false);
     CHECK_OK(loom_tokenizer_load(&json, tmp("gpt2_tokenizer.json")));
 
     if (files) {
@@ -290,6 +290,20 @@ static void test_gpt2(void) {
         check_gpt2_cases("gpt2 tokenizer.json", json, cases);
     }
 
+    /* ByteLevel add_prefix_space: "Hello world" encodes as " Hello world" */
+    loom_tokenizer *prefixed = NULL;
+    write_gpt2_tokenizer_json(tmp("gpt2_prefix.json"), true);
+    CHECK_OK(loom_tokenizer_load(&prefixed, tmp("gpt2_prefix.json")));
+    if (prefixed) {
+        const cJSON *c = cJSON_GetArrayItem(cases, 1);
+        CHECK(strcmp(field(c, "text")->valuestring, " Hello world") == 0, "case 1 text");
+        size_t n;
+        int32_t *ids = encode(prefixed, "Hello world", NULL, &n);
+        same_ids("gpt2 add_prefix_space", 1, field(c, "ids_hf_gpt2tokenizer"), ids, n);
+        free(ids);
+        loom_tokenizer_free(prefixed);
+    }
+
     if (files) {
         /* OPT prepends </s> (id 2 in OPT's own vocabulary; here any id works) */
         const cJSON *c = cJSON_GetArrayItem(cases, 0);
@@ -299,15 +313,17 @@ static void test_gpt2(void) {
         loom_encode_opts opts = LOOM_ENCODE_OPTS_DEFAULT;
         opts.add_bos = 1;
         int32_t *with_bos = encode(files, field(c, "text")->valuestring, &opts, &m);
-        CHECK(m == n + 1 && with_bos[0] == 2 && memcmp(with_bos + 1, plain, n * 4) == 0,
-              "add_bos: %zu ids, first %d", m, m ? with_bos[0] : -1);
+        CHECK(m == n + 1, "add_bos: %zu ids, expected %zu", m, n + 1);
+        CHECK(m > 0 && with_bos[0] == 2, "add_bos: first id %d", m ? with_bos[0] : -1);
+        CHECK(m == n + 1 && memcmp(with_bos + 1, plain, n * 4) == 0, "add_bos: ids after BOS");
         free(plain);
         free(with_bos);
 
         /* <|endoftext|> is special: one id when parsed, text when not */
         const char *text = "a<|endoftext|>b";
         int32_t *ids = encode(files, text, NULL, &n);
-        CHECK(n == 3 && ids[1] == 50256, "<|endoftext|> parsed: %zu ids", n);
+        CHECK(n == 3, "<|endoftext|> parsed: %zu ids", n);
+        CHECK(n > 1 && ids[1] == 50256, "<|endoftext|> id %d", n > 1 ? ids[1] : -1);
         free(ids);
         opts = LOOM_ENCODE_OPTS_DEFAULT;
         opts.parse_special = 0;
@@ -657,8 +673,9 @@ static void test_sentencepiece(void) {
         loom_encode_opts no_bos = LOOM_ENCODE_OPTS_DEFAULT;
         no_bos.add_bos = 0;
         int32_t *b = encode(json, "Hello", &no_bos, &m);
-        CHECK(n == m + 1 && a[0] == 1 && memcmp(a + 1, b, m * 4) == 0,
-              "metaspace leading space: %zu vs %zu ids", n, m);
+        CHECK(n == m + 1, "metaspace leading space: %zu vs %zu ids", n, m);
+        CHECK(n > 0 && a[0] == 1, "metaspace leading space: BOS first");
+        CHECK(n == m + 1 && memcmp(a + 1, b, m * 4) == 0, "metaspace leading space: same ids");
         free(a);
         free(b);
         loom_tokenizer_free(json);
@@ -692,7 +709,7 @@ static void test_stream_holds_bytes(void) {
     for (size_t i = 0; s && i < n; i++) {
         CHECK_OK(loom_decode_stream_push(s, ids[i], &out, &len));
         if (i == 0)
-            CHECK(len == 1 && strcmp(out, "a") == 0, "first chunk \"%s\"", out);
+            CHECK(strcmp(out, "a") == 0, "first chunk \"%s\"", out);
         else if (i + 1 < n)
             CHECK(len == 0, "chunk %zu should be held back, got %zu bytes", i, len);
         else
@@ -725,8 +742,8 @@ static void test_invalid_utf8(void) {
         size_t n, m;
         int32_t *bad = encode(sp, "a\xFF" "b\xE4\xB8", NULL, &n);
         int32_t *good = encode(sp, "a\xEF\xBF\xBD" "b\xEF\xBF\xBD\xEF\xBF\xBD", NULL, &m);
-        CHECK(n == m && memcmp(bad, good, n * 4) == 0, "invalid bytes as U+FFFD: %zu vs %zu ids",
-              n, m);
+        CHECK(n == m, "invalid bytes as U+FFFD: %zu vs %zu ids", n, m);
+        CHECK(n == m && memcmp(bad, good, n * 4) == 0, "invalid bytes as U+FFFD: ids differ");
         free(bad);
         free(good);
     }
@@ -735,7 +752,8 @@ static void test_invalid_utf8(void) {
         size_t n;
         int32_t *ids = encode(gpt2, "\xFF", NULL, &n);
         int32_t y = loom_tokenizer_token_to_id(gpt2, "\xC3\xBF", 2); /* "ÿ" stands for 0xFF */
-        CHECK(n == 1 && ids[0] == y, "byte 0xFF: %zu ids", n);
+        CHECK(n == 1, "byte 0xFF: %zu ids", n);
+        CHECK(n > 0 && ids[0] == y, "byte 0xFF: id %d, expected %d", n ? ids[0] : -1, y);
         char *out = NULL;
         CHECK_OK(loom_tokenizer_decode(gpt2, ids, n, NULL, &out, NULL));
         CHECK(out && strcmp(out, "\xEF\xBF\xBD") == 0, "decoded 0xFF as U+FFFD");
@@ -765,7 +783,8 @@ static void test_added_tokens(void) {
         /* LLaVA adds <image> */
         int32_t image = -1;
         CHECK_OK(loom_tokenizer_add_token(sp, "<image>", true, &image));
-        CHECK(image == 1000 && loom_tokenizer_vocab_size(sp) == 1001, "<image> id %d", image);
+        CHECK(image == 1000, "<image> id %d", image);
+        CHECK(loom_tokenizer_vocab_size(sp) == 1001, "vocab size %d", loom_tokenizer_vocab_size(sp));
         loom_encode_opts hf = {.add_bos = 1, .add_eos = 0, .parse_special = 1, .legacy = 1};
         size_t n, a_n, b_n;
         int32_t *ids = encode(sp, "Hi<image>there", &hf, &n);
@@ -800,10 +819,13 @@ static void test_added_tokens(void) {
         int32_t image = -1, chunk = -1;
         CHECK_OK(loom_tokenizer_add_token(gpt2, "<image>", false, &image));
         CHECK_OK(loom_tokenizer_add_token(gpt2, "<|endofchunk|>", true, &chunk));
-        CHECK(image == 50257 && chunk == 50258, "ids %d %d", image, chunk);
+        CHECK(image == 50257, "<image> id %d", image);
+        CHECK(chunk == 50258, "<|endofchunk|> id %d", chunk);
         size_t n;
         int32_t *ids = encode(gpt2, "<image>A cat.<|endofchunk|>", NULL, &n);
-        CHECK(n >= 3 && ids[0] == image && ids[n - 1] == chunk, "added tokens in text: %zu ids", n);
+        CHECK(n >= 3, "added tokens in text: %zu ids", n);
+        CHECK(n > 0 && ids[0] == image, "first id %d", n ? ids[0] : -1);
+        CHECK(n > 0 && ids[n - 1] == chunk, "last id %d", n ? ids[n - 1] : -1);
         char *out = NULL;
         CHECK_OK(loom_tokenizer_decode(gpt2, ids, n, NULL, &out, NULL));
         CHECK(out && strcmp(out, "<image>A cat.<|endofchunk|>") == 0, "decode \"%s\"",
@@ -833,6 +855,21 @@ static const char *const wp_vocab[] = {
     "##s", "play", "##ing", "a", "b",             /* 20-24 */
 };
 
+/* Expected ids, by hand: [CLS]=2 ... [SEP]=3, "dog" is not in the
+ * vocabulary so it is [UNK]=1, and [MASK] is matched as a special token. */
+static const struct {
+    const char *text;
+    int32_t ids[16];
+    size_t n;
+} wp_cases[] = {
+    {"The cat sat on the mat.", {2, 5, 6, 7, 8, 5, 9, 14, 3}, 9},
+    {"UNAFFABLE cats, playing!", {2, 10, 11, 12, 6, 20, 13, 21, 22, 17, 3}, 11},
+    {"Caf\xC3\xA9 na\xC3\xAFve", {2, 15, 16, 3}, 4},
+    {"\xE4\xB8\xAD\xE6\x96\x87" "cat", {2, 18, 19, 6, 3}, 5},
+    {"dog [MASK] a\tb", {2, 1, 4, 23, 24, 3}, 6},
+    {"", {2, 3}, 2},
+};
+
 static void test_wordpiece(void) {
     char text[1024] = "";
     for (size_t i = 0; i < sizeof wp_vocab / sizeof wp_vocab[0]; i++) {
@@ -846,25 +883,13 @@ static void test_wordpiece(void) {
         return;
     CHECK(loom_tokenizer_get_kind(wp) == LOOM_TOKENIZER_WORDPIECE, "kind");
 
-    struct {
-        const char *text;
-        int32_t ids[16];
+    for (size_t k = 0; k < sizeof wp_cases / sizeof wp_cases[0]; k++) {
         size_t n;
-    } cases[] = {
-        {"The cat sat on the mat.", {2, 5, 6, 7, 8, 5, 9, 14, 3}, 9},
-        {"UNAFFABLE cats, playing!", {2, 10, 11, 12, 6, 20, 13, 21, 22, 17, 3}, 11},
-        {"Caf\xC3\xA9 na\xC3\xAFve", {2, 15, 16, 3}, 4},
-        {"\xE4\xB8\xAD\xE6\x96\x87" "cat", {2, 18, 19, 6, 3}, 5},
-        {"dog [MASK] a\tb", {2, 1, 4, 23, 24, 3}, 6},
-        {"", {2, 3}, 2},
-    };
-    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
-        size_t n;
-        int32_t *ids = encode(wp, cases[k].text, NULL, &n);
-        bool same = n == cases[k].n && memcmp(ids, cases[k].ids, n * 4) == 0;
-        CHECK(same, "wordpiece case %zu (\"%s\") differs", k, cases[k].text);
+        int32_t *ids = encode(wp, wp_cases[k].text, NULL, &n);
+        bool same = n == wp_cases[k].n && memcmp(ids, wp_cases[k].ids, n * 4) == 0;
+        CHECK(same, "wordpiece case %zu (\"%s\") differs", k, wp_cases[k].text);
         if (!same) {
-            print_ids("expected", cases[k].ids, cases[k].n);
+            print_ids("expected", wp_cases[k].ids, wp_cases[k].n);
             print_ids("actual", ids, n);
         }
         free(ids);
@@ -883,6 +908,139 @@ static void test_wordpiece(void) {
     CHECK_ERROR(loom_tokenizer_load(&wp, "/nonexistent/vocab.txt"), "cannot open");
     write_bytes(tmp("vocab_no_unk.txt"), "a\nb\n", 4);
     CHECK_ERROR(loom_tokenizer_load_wordpiece_vocab(&wp, tmp("vocab_no_unk.txt"), true), "[UNK]");
+}
+
+/* ---------------------------------------------------------------- hand-written tokenizer.json */
+
+/* A small SentencePiece-style BPE with a splitting Metaspace pre-tokenizer,
+ * added tokens with lstrip and single_word, and a BOS/EOS template. Merges:
+ * rank 0 "▁ a", 1 "a b", 2 "▁a b", 3 "▁ b". */
+static const char metaspace_json[] =
+    "{\"added_tokens\": ["
+    " {\"id\": 0, \"content\": \"<unk>\", \"special\": true},"
+    " {\"id\": 1, \"content\": \"<s>\", \"special\": true},"
+    " {\"id\": 2, \"content\": \"</s>\", \"special\": true},"
+    " {\"id\": 10, \"content\": \"<mask>\", \"special\": true, \"lstrip\": true},"
+    " {\"id\": 11, \"content\": \"[X]\", \"special\": false, \"single_word\": true}],"
+    " \"normalizer\": null,"
+    " \"pre_tokenizer\": {\"type\": \"Metaspace\", \"replacement\": \"\xE2\x96\x81\","
+    "  \"prepend_scheme\": \"always\", \"split\": true},"
+    " \"post_processor\": {\"type\": \"TemplateProcessing\", \"single\": ["
+    "  {\"SpecialToken\": {\"id\": \"<s>\", \"type_id\": 0}},"
+    "  {\"Sequence\": {\"id\": \"A\", \"type_id\": 0}},"
+    "  {\"SpecialToken\": {\"id\": \"</s>\", \"type_id\": 0}}],"
+    "  \"special_tokens\": {\"<s>\": {\"id\": \"<s>\", \"ids\": [1], \"tokens\": [\"<s>\"]},"
+    "   \"</s>\": {\"id\": \"</s>\", \"ids\": [2], \"tokens\": [\"</s>\"]}}},"
+    " \"decoder\": {\"type\": \"Metaspace\", \"replacement\": \"\xE2\x96\x81\","
+    "  \"prepend_scheme\": \"always\", \"split\": true},"
+    " \"model\": {\"type\": \"BPE\", \"unk_token\": \"<unk>\", \"fuse_unk\": true,"
+    "  \"vocab\": {\"<unk>\": 0, \"<s>\": 1, \"</s>\": 2, \"\xE2\x96\x81\": 3, \"a\": 4, \"b\": 5,"
+    "   \"\xE2\x96\x81" "a\": 6, \"\xE2\x96\x81" "b\": 7, \"ab\": 8, \"\xE2\x96\x81" "ab\": 9,"
+    "   \"<mask>\": 10, \"[X]\": 11},"
+    "  \"merges\": [[\"\xE2\x96\x81\", \"a\"], [\"a\", \"b\"], [\"\xE2\x96\x81" "a\", \"b\"],"
+    "   [\"\xE2\x96\x81\", \"b\"]]}}";
+
+static void test_hand_json_metaspace(void) {
+    write_bytes(tmp("metaspace.json"), metaspace_json, strlen(metaspace_json));
+    loom_tokenizer *tok = NULL;
+    CHECK_OK(loom_tokenizer_load(&tok, tmp("metaspace.json")));
+    if (!tok)
+        return;
+    struct {
+        const char *text;
+        int32_t ids[8];
+        size_t n;
+    } cases[] = {
+        /* "▁ab▁b" splits into "▁ab" (▁+a, then ▁a+b) and "▁b" */
+        {"ab b", {1, 9, 7, 2}, 4},
+        /* <mask> strips the space on its left; "b" gets its own ▁ */
+        {"a <mask>b", {1, 6, 10, 7, 2}, 5},
+        /* [X] inside a word is text: '[', 'X', ']' fuse into one <unk> */
+        {"a[X] b", {1, 6, 0, 7, 2}, 5},
+        /* [X] as a word matches; "a " leaves a lone ▁ */
+        {"a [X] b", {1, 6, 3, 11, 7, 2}, 6},
+        {"", {1, 2}, 2},
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        size_t n;
+        int32_t *ids = encode(tok, cases[k].text, NULL, &n);
+        bool same = n == cases[k].n && memcmp(ids, cases[k].ids, n * 4) == 0;
+        CHECK(same, "metaspace case %zu (\"%s\") differs", k, cases[k].text);
+        if (!same) {
+            print_ids("expected", cases[k].ids, cases[k].n);
+            print_ids("actual", ids, n);
+        }
+        free(ids);
+    }
+
+    int32_t ids[] = {1, 9, 7, 2};
+    char *out = NULL;
+    loom_decode_opts keep = {.skip_special = false}, skip = {.skip_special = true};
+    CHECK_OK(loom_tokenizer_decode(tok, ids, 4, &keep, &out, NULL));
+    CHECK(out && strcmp(out, "<s> ab b</s>") == 0, "decode keeping specials: \"%s\"",
+          out ? out : "");
+    free(out);
+    CHECK_OK(loom_tokenizer_decode(tok, ids, 4, &skip, &out, NULL));
+    CHECK(out && strcmp(out, "ab b") == 0, "decode skipping specials: \"%s\"", out ? out : "");
+    free(out);
+    loom_tokenizer_free(tok);
+}
+
+/* BERT's tokenizer.json for the vocabulary of test_wordpiece. */
+static void test_hand_json_bert(void) {
+    cJSON *root = cJSON_CreateObject();
+    cJSON *added = cJSON_AddArrayToObject(root, "added_tokens");
+    for (int id = 0; id < 5; id++) {
+        cJSON *t = cJSON_CreateObject();
+        cJSON_AddNumberToObject(t, "id", id);
+        cJSON_AddStringToObject(t, "content", wp_vocab[id]);
+        cJSON_AddBoolToObject(t, "special", 1);
+        cJSON_AddItemToArray(added, t);
+    }
+    cJSON *norm = cJSON_AddObjectToObject(root, "normalizer");
+    cJSON_AddStringToObject(norm, "type", "BertNormalizer");
+    cJSON_AddBoolToObject(norm, "clean_text", 1);
+    cJSON_AddBoolToObject(norm, "handle_chinese_chars", 1);
+    cJSON_AddNullToObject(norm, "strip_accents");
+    cJSON_AddBoolToObject(norm, "lowercase", 1);
+    cJSON_AddStringToObject(cJSON_AddObjectToObject(root, "pre_tokenizer"), "type",
+                            "BertPreTokenizer");
+    cJSON *post = cJSON_AddObjectToObject(root, "post_processor");
+    cJSON_AddStringToObject(post, "type", "BertProcessing");
+    cJSON *sep = cJSON_AddArrayToObject(post, "sep");
+    cJSON_AddItemToArray(sep, cJSON_CreateString("[SEP]"));
+    cJSON_AddItemToArray(sep, cJSON_CreateNumber(3));
+    cJSON *cls = cJSON_AddArrayToObject(post, "cls");
+    cJSON_AddItemToArray(cls, cJSON_CreateString("[CLS]"));
+    cJSON_AddItemToArray(cls, cJSON_CreateNumber(2));
+    cJSON *dec = cJSON_AddObjectToObject(root, "decoder");
+    cJSON_AddStringToObject(dec, "type", "WordPiece");
+    cJSON_AddStringToObject(dec, "prefix", "##");
+    cJSON_AddBoolToObject(dec, "cleanup", 1);
+    cJSON *model = cJSON_AddObjectToObject(root, "model");
+    cJSON_AddStringToObject(model, "type", "WordPiece");
+    cJSON_AddStringToObject(model, "unk_token", "[UNK]");
+    cJSON_AddStringToObject(model, "continuing_subword_prefix", "##");
+    cJSON_AddNumberToObject(model, "max_input_chars_per_word", 100);
+    cJSON *vocab = cJSON_AddObjectToObject(model, "vocab");
+    for (size_t i = 0; i < sizeof wp_vocab / sizeof wp_vocab[0]; i++)
+        cJSON_AddNumberToObject(vocab, wp_vocab[i], (double)i);
+    write_json(tmp("bert.json"), root);
+    cJSON_Delete(root);
+
+    loom_tokenizer *tok = NULL;
+    CHECK_OK(loom_tokenizer_load(&tok, tmp("bert.json")));
+    if (!tok)
+        return;
+    CHECK(loom_tokenizer_get_kind(tok) == LOOM_TOKENIZER_WORDPIECE, "bert.json kind");
+    for (size_t k = 0; k < sizeof wp_cases / sizeof wp_cases[0]; k++) {
+        size_t n;
+        int32_t *ids = encode(tok, wp_cases[k].text, NULL, &n);
+        bool same = n == wp_cases[k].n && memcmp(ids, wp_cases[k].ids, n * 4) == 0;
+        CHECK(same, "bert.json case %zu (\"%s\") differs", k, wp_cases[k].text);
+        free(ids);
+    }
+    loom_tokenizer_free(tok);
 }
 
 /* ---------------------------------------------------------------- malformed files */
@@ -1010,7 +1168,8 @@ static void test_speed(void) {
     CHECK_OK(loom_tokenizer_load(&sp, GOLDEN "/sentencepiece_bpe/sp_bpe.model"));
     CHECK_OK(loom_tokenizer_load_bpe_files(&gpt2, GOLDEN "/gpt2_bpe/encoder.json",
                                            GOLDEN "/gpt2_bpe/vocab.bpe"));
-    /* about 10,000 characters of mixed text */
+
+    /* about 10,000 characters (not bytes) of mixed text */
     char *text = malloc(40000);
     text[0] = '\0';
     const char *parts[] = {"The quick brown fox jumps over the lazy dog. ",
@@ -1020,8 +1179,10 @@ static void test_speed(void) {
     size_t chars = 0;
     for (int i = 0; chars < 10000; i++) {
         strcat(text, parts[i % 4]);
-        chars += strlen(parts[i % 4]);
+        for (const char *c = parts[i % 4]; *c; c++)
+            chars += ((unsigned char)*c & 0xC0) != 0x80;
     }
+
     loom_tokenizer *toks[2] = {sp, gpt2};
     const char *names[2] = {"sentencepiece", "gpt2"};
     for (int k = 0; k < 2; k++) {
@@ -1034,6 +1195,7 @@ static void test_speed(void) {
         printf("encode %zu bytes with %s: %zu ids in %.2f ms\n", strlen(text), names[k], n, ms);
         /* generous bound so that a loaded machine does not fail the test */
         CHECK(ms < 250.0, "%s encode of 10k characters took %.1f ms", names[k], ms);
+
         char *out = NULL;
         CHECK_OK(loom_tokenizer_decode(toks[k], ids, n, NULL, &out, NULL));
         CHECK(out && strcmp(out, text) == 0, "%s round trip of the long text", names[k]);
@@ -1056,6 +1218,8 @@ int main(void) {
     test_invalid_utf8();
     test_added_tokens();
     test_wordpiece();
+    test_hand_json_metaspace();
+    test_hand_json_bert();
     test_malformed();
     test_speed();
 

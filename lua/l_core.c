@@ -7,6 +7,8 @@ int luaopen_loom_core(lua_State *L) {
     lua_newtable(L);
     loom_open_tensor(L);
     loom_open_ops(L);
+    loom_open_checkpoint(L);
+    loom_open_image(L);
     luaopen_loom_tokenizer(L);
     lua_setfield(L, -2, "tokenizer");
     lua_pushliteral(L, LOOM_VERSION);

@@ -83,7 +83,9 @@ static int opt_table(lua_State *L, int idx) {
 }
 
 /* ---------------------------------------------------------------------------
- * results: the `out` argument at out_idx when given (the result is then
+ * results: every operator first sets the stack to its full argument count
+ * (lua_settop), so that values it pushes never take the place of an absent
+ * optional argument. The `out` argument at out_idx when given (the result is then
  * written into it and it is returned), otherwise a new empty userdata pushed
  * before the core call. out_idx 0 means the operator takes no `out`. */
 
@@ -111,6 +113,7 @@ static int result_end(lua_State *L, int out_idx) {
 
 /* op(a, b, out?) with a or b a number; out_idx 0 for the metamethods. */
 static int binary(lua_State *L, const char *fname, loom_binary_op op, int out_idx) {
+    lua_settop(L, out_idx ? out_idx : 2);
     loom_tensor *a = loom_testtensor(L, 1), *b = loom_testtensor(L, 2);
     if (!a && lua_type(L, 1) != LUA_TNUMBER)
         luaL_typeerror(L, 1, "loom.Tensor or number");
@@ -158,6 +161,7 @@ static int l_ops___div(lua_State *L) { return binary(L, "__div", LOOM_DIV, 0); }
 static int l_ops___pow(lua_State *L) { return binary(L, "__pow", LOOM_POW, 0); }
 
 static int unary(lua_State *L, const char *fname, loom_unary_op op, int out_idx) {
+    lua_settop(L, out_idx ? out_idx : 1);
     loom_tensor *x = loom_checktensor(L, 1);
     const loom_tensor *ins[1] = {x};
     loom_tensor *r = result_begin(L, out_idx, ins, 1);
@@ -192,12 +196,12 @@ UNARY(round, LOOM_ROUND)
 
 /* Lua calls __unm with the operand twice. */
 static int l_ops___unm(lua_State *L) {
-    lua_settop(L, 1);
     return unary(L, "__unm", LOOM_NEG, 0);
 }
 
 /* where(cond, a, b, out?): a and b may be numbers (taken as f32 scalars). */
 static int l_ops_where(lua_State *L) {
+    lua_settop(L, 4);
     loom_tensor *cond = loom_checktensor(L, 1);
     if (loom_dtype_is_float(cond->dtype))
         luaL_argerror(L, 1, lua_pushfstring(L, "expected a u8 or integer condition, got %s", loom_shape_str(cond).s));
@@ -217,6 +221,7 @@ static int l_ops_where(lua_State *L) {
  * (keepdim then has no effect) */
 
 static int reduce(lua_State *L, const char *fname, int is_argmax, loom_reduce_op op) {
+    lua_settop(L, 4);
     loom_tensor *x = loom_checktensor(L, 1);
     int all = lua_isnoneornil(L, 2);
     int dim = all ? 0 : loom_checkdim(L, 2, x, 0);
@@ -247,6 +252,7 @@ static int l_ops_argmax(lua_State *L) { return reduce(L, "argmax", 1, LOOM_MAX);
  * softmax and normalisation */
 
 static int softmax(lua_State *L, const char *fname, bool log) {
+    lua_settop(L, 4);
     loom_tensor *x = loom_checktensor(L, 1);
     check_float(L, 1, x);
     check_min_ndim(L, 1, x, 1);
@@ -276,6 +282,7 @@ static loom_tensor *opt_feature_vector(lua_State *L, int arg, const loom_tensor 
 /* layer_norm(x, weight?, bias?, eps?, out?) over the last dimension; eps
  * defaults to 1e-5 (torch.nn.LayerNorm). */
 static int l_ops_layer_norm(lua_State *L) {
+    lua_settop(L, 5);
     loom_tensor *x = loom_checktensor(L, 1);
     check_float(L, 1, x);
     check_min_ndim(L, 1, x, 1);
@@ -291,6 +298,7 @@ static int l_ops_layer_norm(lua_State *L) {
 /* rms_norm(x, weight?, eps?, out?); eps defaults to 1e-6 (LLaMA's
  * rms_norm_eps). */
 static int l_ops_rms_norm(lua_State *L) {
+    lua_settop(L, 4);
     loom_tensor *x = loom_checktensor(L, 1);
     check_float(L, 1, x);
     check_min_ndim(L, 1, x, 1);
@@ -308,6 +316,7 @@ static int l_ops_rms_norm(lua_State *L) {
 
 /* linear(x, weight, bias?, out?): x (..., in), weight (out, in). */
 static int l_ops_linear(lua_State *L) {
+    lua_settop(L, 4);
     loom_tensor *x = loom_checktensor(L, 1), *w = loom_checktensor(L, 2);
     check_float(L, 1, x);
     check_min_ndim(L, 1, x, 1);
@@ -327,6 +336,7 @@ static int l_ops_linear(lua_State *L) {
 
 /* matmul(a, b, out?) as torch.matmul: a (..., n, k), b (..., k, m). */
 static int l_ops_matmul(lua_State *L) {
+    lua_settop(L, 3);
     loom_tensor *a = loom_checktensor(L, 1), *b = loom_checktensor(L, 2);
     check_float(L, 1, a);
     check_float(L, 2, b);
@@ -347,6 +357,7 @@ static int l_ops_matmul(lua_State *L) {
 
 /* embedding(weight, ids, out?): weight (V, D), 0-based ids. */
 static int l_ops_embedding(lua_State *L) {
+    lua_settop(L, 3);
     loom_tensor *w = loom_checktensor(L, 1), *ids = loom_checktensor(L, 2);
     check_float(L, 1, w);
     check_ndim(L, 1, w, 2, "(vocabulary, dim)");
@@ -360,6 +371,7 @@ static int l_ops_embedding(lua_State *L) {
 
 /* cat(list, dim?, out?): dim defaults to 1. */
 static int l_ops_cat(lua_State *L) {
+    lua_settop(L, 3);
     luaL_checktype(L, 1, LUA_TTABLE);
     int n = (int)lua_rawlen(L, 1);
     luaL_argcheck(L, n > 0, 1, "expected a non-empty list of tensors");
@@ -401,6 +413,7 @@ static int l_ops_cat(lua_State *L) {
 
 /* index_select(x, dim, index, out?) with a 1-D index of 0-based ids. */
 static int l_ops_index_select(lua_State *L) {
+    lua_settop(L, 4);
     loom_tensor *x = loom_checktensor(L, 1);
     int dim = loom_checkdim(L, 2, x, 0);
     loom_tensor *index = loom_checktensor(L, 3);
@@ -415,6 +428,7 @@ static int l_ops_index_select(lua_State *L) {
 
 /* gather(x, dim, index, out?) as torch.gather (0-based ids). */
 static int l_ops_gather(lua_State *L) {
+    lua_settop(L, 4);
     loom_tensor *x = loom_checktensor(L, 1);
     int dim = loom_checkdim(L, 2, x, 0);
     loom_tensor *index = loom_checktensor(L, 3);
@@ -436,6 +450,7 @@ static int l_ops_gather(lua_State *L) {
  * opts.theta (10000), opts.scaling (1), opts.rotary_dim (D), opts.style
  * ("half" or "interleaved"). */
 static int l_ops_rope(lua_State *L) {
+    lua_settop(L, 4);
     loom_tensor *x = loom_checktensor(L, 1), *pos = loom_checktensor(L, 2);
     check_float(L, 1, x);
     check_ndim(L, 1, x, 4, "(B, H, T, D)");
@@ -472,6 +487,7 @@ static int l_ops_rope(lua_State *L) {
 /* alibi(n_heads, k_len, alibi_bias_max?, out?) -> (1, H, 1, K); the bias
  * maximum defaults to 8 (MPT's alibi_bias_max). */
 static int l_ops_alibi(lua_State *L) {
+    lua_settop(L, 4);
     lua_Integer heads = luaL_checkinteger(L, 1), klen = luaL_checkinteger(L, 2);
     luaL_argcheck(L, heads > 0 && heads <= INT32_MAX, 1, "number of heads must be positive");
     luaL_argcheck(L, klen >= 0, 2, "key length must be >= 0");
@@ -485,6 +501,7 @@ static int l_ops_alibi(lua_State *L) {
 /* attention(q, k, v, opts?, out?): q (B, Hq, Q, D), k (B, Hkv, K, D),
  * v (B, Hkv, K, Dv); opts.causal, opts.mask, opts.scale (1/sqrt(D)). */
 static int l_ops_attention(lua_State *L) {
+    lua_settop(L, 5);
     loom_tensor *q = loom_checktensor(L, 1), *k = loom_checktensor(L, 2), *v = loom_checktensor(L, 3);
     check_float(L, 1, q);
     check_float(L, 2, k);
@@ -528,6 +545,7 @@ static int l_ops_attention(lua_State *L) {
 /* patch_embed(pixels, weight, bias?, out?): pixels (B, C, H, W), weight
  * (O, C, P, P), bias (O). */
 static int l_ops_patch_embed(lua_State *L) {
+    lua_settop(L, 4);
     loom_tensor *px = loom_checktensor(L, 1), *w = loom_checktensor(L, 2);
     check_float(L, 1, px);
     check_float(L, 2, w);

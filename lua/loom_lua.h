@@ -42,7 +42,7 @@ int loom_format_tensor(lua_State *L, const loom_tensor *t);
 
 /* Drive the collector after new owned storage was allocated: a full
  * collection runs when the bytes held by owned storages exceed twice the
- * amount that stayed alive after the previous collection plus 64 MiB. */
+ * amount that stayed alive after the previous collection plus 32 MiB. */
 void loom_gc_pace(lua_State *L);
 
 /* Raise the core's last error message prefixed by "fname: " (not repeated

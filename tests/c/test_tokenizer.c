@@ -772,6 +772,104 @@ static void test_invalid_utf8(void) {
     loom_tokenizer_free(gpt2);
 }
 
+/* Random text, fixed seed: valid UTF-8 round-trips exactly through the
+ * SentencePiece and byte-level tokenizers, and random bytes never fail and
+ * decode to valid UTF-8. */
+static uint32_t lcg_next(uint32_t *state) {
+    *state = *state * 1664525u + 1013904223u;
+    return *state >> 8;
+}
+
+static size_t put_utf8(char *out, uint32_t cp) {
+    if (cp < 0x80) {
+        out[0] = (char)cp;
+        return 1;
+    }
+    if (cp < 0x800) {
+        out[0] = (char)(0xC0 | (cp >> 6));
+        out[1] = (char)(0x80 | (cp & 0x3F));
+        return 2;
+    }
+    if (cp < 0x10000) {
+        out[0] = (char)(0xE0 | (cp >> 12));
+        out[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        out[2] = (char)(0x80 | (cp & 0x3F));
+        return 3;
+    }
+    out[0] = (char)(0xF0 | (cp >> 18));
+    out[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+    out[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
+    out[3] = (char)(0x80 | (cp & 0x3F));
+    return 4;
+}
+
+static void test_random_text(void) {
+    loom_tokenizer *sp = NULL, *gpt2 = NULL;
+    CHECK_OK(loom_tokenizer_load(&sp, GOLDEN "/sentencepiece_bpe/sp_bpe.model"));
+    CHECK_OK(loom_tokenizer_load_bpe_files(&gpt2, GOLDEN "/gpt2_bpe/encoder.json",
+                                           GOLDEN "/gpt2_bpe/vocab.bpe"));
+    if (!sp || !gpt2) {
+        loom_tokenizer_free(sp);
+        loom_tokenizer_free(gpt2);
+        return;
+    }
+    const loom_tokenizer *toks[2] = {sp, gpt2};
+    static const uint32_t ranges[][2] = {{0x20, 0x7E},     {0x09, 0x0D},    {0xA0, 0x24F},
+                                         {0x370, 0x52F},   {0x3040, 0x30FF}, {0x4E00, 0x9FFF},
+                                         {0xAC00, 0xD7A3}, {0x1F300, 0x1F64F}};
+    uint32_t state = 12345;
+    int round_trip_failures = 0, random_byte_failures = 0;
+    for (int iter = 0; iter < 300; iter++) {
+        char text[512];
+        size_t len = 0, count = lcg_next(&state) % 40;
+        for (size_t i = 0; i < count; i++) {
+            const uint32_t *r = ranges[lcg_next(&state) % 8];
+            uint32_t cp = r[0] + lcg_next(&state) % (r[1] - r[0] + 1);
+            if (cp == 0x2581)
+                cp = 'x'; /* sentencepiece decodes its meta symbol as a space */
+            len += put_utf8(text + len, cp);
+        }
+        text[len] = '\0';
+
+        char bytes[64];
+        size_t nbytes = lcg_next(&state) % sizeof bytes;
+        for (size_t i = 0; i < nbytes; i++)
+            bytes[i] = (char)(lcg_next(&state) & 0xFF);
+
+        for (int k = 0; k < 2; k++) {
+            int32_t *ids = NULL;
+            size_t n = 0;
+            char *out = NULL;
+            loom_decode_opts skip = {.skip_special = true};
+            int rc = loom_tokenizer_encode(toks[k], text, len, NULL, &ids, &n);
+            if (rc == 0)
+                rc = loom_tokenizer_decode(toks[k], ids, n, &skip, &out, NULL);
+            if (rc != 0 || strcmp(out, text) != 0) {
+                if (round_trip_failures++ < 3)
+                    CHECK(0, "tokenizer %d: random text %d does not round-trip: \"%s\" -> \"%s\"",
+                          k, iter, text, out ? out : loom_last_error());
+            }
+            free(ids);
+            free(out);
+
+            ids = NULL;
+            out = NULL;
+            size_t out_len = 0;
+            rc = loom_tokenizer_encode(toks[k], bytes, nbytes, NULL, &ids, &n);
+            if (rc == 0)
+                rc = loom_tokenizer_decode(toks[k], ids, n, &skip, &out, &out_len);
+            if (rc != 0 || !valid_utf8(out, out_len))
+                random_byte_failures++;
+            free(ids);
+            free(out);
+        }
+    }
+    CHECK(round_trip_failures == 0, "%d random texts did not round-trip", round_trip_failures);
+    CHECK(random_byte_failures == 0, "%d random byte strings failed", random_byte_failures);
+    loom_tokenizer_free(sp);
+    loom_tokenizer_free(gpt2);
+}
+
 /* ---------------------------------------------------------------- added tokens */
 
 static void test_added_tokens(void) {
@@ -1216,6 +1314,7 @@ int main(void) {
     test_sentencepiece();
     test_stream_holds_bytes();
     test_invalid_utf8();
+    test_random_text();
     test_added_tokens();
     test_wordpiece();
     test_hand_json_metaspace();

@@ -44,7 +44,9 @@ int loom_tokenizer_load(loom_tokenizer **out, const char *path);
 int loom_tokenizer_load_buffer(loom_tokenizer **out, const void *data, size_t len,
                                const char *name);
 /* Load GPT-2's byte-level BPE from its vocabulary (encoder.json or
- * vocab.json: {"piece": id, ...}) and merges (vocab.bpe or merges.txt). */
+ * vocab.json: {"piece": id, ...}) and merges (vocab.bpe or merges.txt).
+ * <|endoftext|> (GPT-2) and <s> </s> <pad> <unk> (OPT) become special tokens
+ * and set the BOS/EOS/PAD/UNK ids when present. */
 int loom_tokenizer_load_bpe_files(loom_tokenizer **out, const char *vocab_path,
                                   const char *merges_path);
 /* Load a WordPiece vocab.txt (one token per line, id = line number) with

@@ -718,13 +718,23 @@ int tok_load_gpt2_vocab(loom_tokenizer **out, const char *vocab_text, size_t voc
         if (!tok->pre)
             rc = loom_error("%s: out of memory", vocab_name);
     }
-    /* GPT2Tokenizer: <|endoftext|> is BOS, EOS and UNK, and a special token */
-    int32_t eot = tok ? tok_lookup(tok, "<|endoftext|>", 13) : -1;
-    if (rc == LOOM_OK && eot >= 0) {
-        tok->special_ids[LOOM_TOKEN_BOS] = eot;
-        tok->special_ids[LOOM_TOKEN_EOS] = eot;
-        tok->special_ids[LOOM_TOKEN_UNK] = eot;
-        rc = tok_mark_added(tok, eot, true);
+    /* GPT2Tokenizer: <|endoftext|> is BOS, EOS and UNK, and a special token.
+     * OPT's vocabulary has fairseq's <s>, <pad>, </s>, <unk> instead. */
+    static const char *const special_names[] = {"<|endoftext|>", "<s>", "</s>", "<pad>", "<unk>"};
+    static const int special_kinds[] = {-1, LOOM_TOKEN_BOS, LOOM_TOKEN_EOS, LOOM_TOKEN_PAD,
+                                        LOOM_TOKEN_UNK};
+    for (int k = 0; rc == LOOM_OK && k < 5; k++) {
+        int32_t id = tok_lookup(tok, special_names[k], strlen(special_names[k]));
+        if (id < 0)
+            continue;
+        if (special_kinds[k] >= 0) {
+            tok->special_ids[special_kinds[k]] = id;
+        } else {
+            tok->special_ids[LOOM_TOKEN_BOS] = id;
+            tok->special_ids[LOOM_TOKEN_EOS] = id;
+            tok->special_ids[LOOM_TOKEN_UNK] = id;
+        }
+        rc = tok_mark_added(tok, id, true);
     }
     if (rc != LOOM_OK) {
         loom_tokenizer_free(tok);

@@ -1008,6 +1008,38 @@ static void test_wordpiece(void) {
     CHECK_ERROR(loom_tokenizer_load_wordpiece_vocab(&wp, tmp("vocab_no_unk.txt"), true), "[UNK]");
 }
 
+/* OPT's files: GPT-2 merges with fairseq's special tokens at ids 0-3. */
+static void test_opt_specials(void) {
+    const char *vocab = "{\"<s>\": 0, \"<pad>\": 1, \"</s>\": 2, \"<unk>\": 3, \"a\": 4, "
+                        "\"b\": 5, \"ab\": 6, \"\xC4\xA0\": 7, \"\xC4\xA0" "ab\": 8}";
+    const char *merges = "#version: 0.2\na b\n\xC4\xA0 ab\n";
+    write_bytes(tmp("opt_vocab.json"), vocab, strlen(vocab));
+    write_bytes(tmp("opt_merges.txt"), merges, strlen(merges));
+    loom_tokenizer *tok = NULL;
+    CHECK_OK(loom_tokenizer_load_bpe_files(&tok, tmp("opt_vocab.json"), tmp("opt_merges.txt")));
+    if (!tok)
+        return;
+    CHECK(loom_tokenizer_special_id(tok, LOOM_TOKEN_BOS) == 0, "bos");
+    CHECK(loom_tokenizer_special_id(tok, LOOM_TOKEN_EOS) == 2, "eos");
+    CHECK(loom_tokenizer_special_id(tok, LOOM_TOKEN_PAD) == 1, "pad");
+    CHECK(loom_tokenizer_special_id(tok, LOOM_TOKEN_UNK) == 3, "unk");
+
+    /* OPT's tokenizer prepends </s> */
+    CHECK_OK(loom_tokenizer_set_special_id(tok, LOOM_TOKEN_BOS, 2));
+    loom_encode_opts opts = LOOM_ENCODE_OPTS_DEFAULT;
+    opts.add_bos = 1;
+    size_t n;
+    int32_t *ids = encode(tok, "ab ab</s>", &opts, &n);
+    int32_t want[] = {2, 6, 8, 2};
+    bool same = n == 4 && memcmp(ids, want, sizeof want) == 0;
+    CHECK(same, "OPT encode differs");
+    if (!same)
+        print_ids("actual", ids, n);
+    free(ids);
+    CHECK_ERROR(loom_tokenizer_set_special_id(tok, LOOM_TOKEN_BOS, 99), "out of range");
+    loom_tokenizer_free(tok);
+}
+
 /* ---------------------------------------------------------------- hand-written tokenizer.json */
 
 /* A small SentencePiece-style BPE with a splitting Metaspace pre-tokenizer,
@@ -1317,6 +1349,7 @@ int main(void) {
     test_random_text();
     test_added_tokens();
     test_wordpiece();
+    test_opt_specials();
     test_hand_json_metaspace();
     test_hand_json_bert();
     test_malformed();

@@ -64,14 +64,17 @@ static void open_checkpoint(lua_State *L, checkpoint_box *box, const char *path)
             rc = loom_checkpoint_open(&box->safetensors, path);
             break;
         case LOOM_CKPT_PYTORCH_ZIP:
+        case LOOM_CKPT_PYTORCH_LEGACY: /* the reader rejects it with a conversion hint */
             rc = loom_pytorch_open(&box->pytorch, path);
             break;
         case LOOM_CKPT_ERROR:
             rc = LOOM_ERR;
             break;
+        case LOOM_CKPT_GGUF:
+            rc = loom_error("%s: GGUF files are not supported yet (expected safetensors or a PyTorch zip file)", path);
+            break;
         default:
-            rc = loom_error("%s: %s checkpoints are not supported (expected safetensors or a PyTorch zip file)", path,
-                            loom_ckpt_format_name(format));
+            rc = loom_error("%s: unrecognized checkpoint format (expected safetensors or a PyTorch zip file)", path);
             break;
         }
     }

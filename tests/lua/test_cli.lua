@@ -1,0 +1,134 @@
+-- Tests of the loom executable's command line, run as child processes:
+-- --help, --version, -e, -l, scripts with the `arg` table as lua5.4 builds
+-- it, `-` for standard input, exit statuses and module paths.
+package.path = arg[0]:gsub("[^/]*$", "") .. "?.lua;" .. package.path
+local check = require("check")
+
+local loom_exe = arg[-1]
+local tmp = os.tmpname()
+os.remove(tmp)
+assert(os.execute("mkdir -p '" .. tmp .. "'"))
+
+local function quote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+-- Run a shell command line; returns its combined output and exit code.
+local function run(cmdline)
+  local pipe = assert(io.popen(cmdline .. " 2>&1", "r"))
+  local out = pipe:read("a")
+  local _, _, code = pipe:close()
+  return out, code
+end
+
+local function write(path, text)
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+end
+
+local exe = quote(loom_exe)
+
+do
+  local out, code = run(exe .. " --help")
+  check.equal(code, 0, "--help exits with 0")
+  check.check(out:find("^usage: [%w-]+ %[options%] %[script %[args%]%]") ~= nil, "--help prints the usage: " .. out)
+  check.check(out:find("-e CODE", 1, true) and out:find("LOOM_HISTORY", 1, true), "--help lists options and environment")
+  out, code = run(exe .. " -h")
+  check.equal(code, 0, "-h exits with 0")
+
+  out, code = run(exe .. " --version")
+  check.equal(code, 0, "--version exits with 0")
+  check.check(out:match("^Loom %d+%.%d+%.%d+ %(Lua 5%.4%.%d+%)\n$") ~= nil, "--version prints both versions: " .. out)
+
+  out, code = run(exe .. " --bogus")
+  check.equal(code, 1, "an unknown option exits with 1")
+  check.check(out:find("unrecognized option '--bogus'", 1, true) and out:find("usage:", 1, true),
+    "unknown option message: " .. out)
+  out, code = run(exe .. " -e")
+  check.equal(code, 1, "-e without code exits with 1")
+  check.check(out:find("'-e' needs an argument", 1, true) ~= nil, "-e needs an argument: " .. out)
+end
+
+do
+  local out, code = run(exe .. " -e " .. quote("print(1 + 1, loom.version)"))
+  check.equal({out, code}, {"2\t0.1.0\n", 0}, "-e runs code with the global loom")
+  out, code = run(exe .. " -e " .. quote("x = 5") .. " -e " .. quote("print(x * 2)"))
+  check.equal(out, "10\n", "several -e run in order")
+  out, code = run(exe .. " -e " .. quote("error('boom')"))
+  check.equal(code, 1, "an error in -e exits with 1")
+  check.check(out:find("(command line):1: boom", 1, true) and out:find("stack traceback:", 1, true),
+    "the error is printed with a traceback: " .. out)
+  out, code = run(exe .. " -e " .. quote("os.exit(3)"))
+  check.equal(code, 3, "os.exit status is kept")
+  out = run(exe .. " -e " .. quote("print(require('loom.core') == package.loaded['loom.core'], type(loom.tensor))"))
+  check.equal(out, "true\tfunction\n", "loom.core is preloaded")
+
+  write(tmp .. "/mymod.lua", "return {answer = 42}\n")
+  out, code = run("LUA_PATH=" .. quote(tmp .. "/?.lua;;") .. " " .. exe .. " -l mymod -e " .. quote("print(mymod.answer)"))
+  check.equal({out, code}, {"42\n", 0}, "-l requires a module into a global")
+end
+
+do
+  local script = tmp .. "/args.lua"
+  write(script, [[
+print("n", #arg, select("#", ...))
+for i = -2, #arg do print(i, arg[i]) end
+print("varargs", ...)
+]])
+  local out, code = run(exe .. " " .. quote(script) .. " one 'two words' 3")
+  check.equal(code, 0, "script exits with 0")
+  local expected = table.concat({
+    "n\t3\t3",
+    "-2\tnil",
+    "-1\t" .. loom_exe,
+    "0\t" .. script,
+    "1\tone",
+    "2\ttwo words",
+    "3\t3",
+    "varargs\tone\ttwo words\t3",
+  }, "\n") .. "\n"
+  check.equal(out, expected, "arg table and varargs of a script")
+
+  out = run(exe .. " -e " .. quote("x = 1") .. " " .. quote(script) .. " a")
+  check.check(out:find("-2\t-e\n-1\tx = 1\n0\t" .. script .. "\n1\ta\n", 1, true) ~= nil,
+    "options before the script get negative indices: " .. out)
+
+  out = run(exe .. " -- " .. quote(script))
+  check.check(out:find("0\t" .. script, 1, true) ~= nil, "-- ends the options: " .. out)
+
+  write(tmp .. "/fail.lua", "local x = nil\nlocal y = x.field\n")
+  out, code = run(exe .. " " .. quote(tmp .. "/fail.lua"))
+  check.equal(code, 1, "a failing script exits with 1")
+  check.check(out:find("fail.lua:2: attempt to index a nil value", 1, true) and out:find("stack traceback:", 1, true),
+    "the script error names the line: " .. out)
+
+  write(tmp .. "/syntax.lua", "x = = 1\n")
+  out, code = run(exe .. " " .. quote(tmp .. "/syntax.lua"))
+  check.equal(code, 1, "a syntax error exits with 1")
+  check.check(out:find("syntax.lua:1:", 1, true) ~= nil, "syntax error message: " .. out)
+
+  out, code = run(exe .. " " .. quote(tmp .. "/missing.lua"))
+  check.equal(code, 1, "a missing script exits with 1")
+  check.check(out:find("cannot open", 1, true) ~= nil, "missing script message: " .. out)
+
+  out, code = run("printf 'print(\"from stdin\", ...)' | " .. exe .. " - x y")
+  check.equal({out, code}, {"from stdin\tx\ty\n", 0}, "'-' runs standard input as a script")
+
+  out, code = run("printf 'print(z + 1)\\n' | " .. exe .. " -i " .. quote(tmp .. "/setz.lua"))
+  check.equal(code, 1, "-i with a missing script exits with 1")
+  check.check(out:find("cannot open", 1, true) ~= nil, "-i with a missing script says so: " .. out)
+  write(tmp .. "/setz.lua", "z = 41\n")
+  out, code = run("printf 'print(z + 1)\\nz\\n' | " .. exe .. " -i " .. quote(tmp .. "/setz.lua"))
+  check.equal({out, code}, {"42\n41\n", 0}, "-i runs the script, then the REPL")
+end
+
+do
+  -- the Lua modules are found relative to the executable, from any directory
+  local abs = loom_exe:sub(1, 1) == "/" and loom_exe or (os.getenv("PWD") .. "/" .. loom_exe)
+  local out, code = run("cd / && " .. quote(abs) .. " -e " .. quote("print(type(require('loom.nn')), type(loom.image))"))
+  check.equal({out, code}, {"table\ttable\n", 0}, "lua/loom is found from another working directory")
+end
+
+os.execute("rm -rf " .. quote(tmp))
+check.summary()

@@ -22,7 +22,7 @@ M.defaults = {
   vision_feature_layer = -2,
 }
 
--- Tensor name prefixes of the checkpoint layouts, told apart by the name of
+-- Tensor name prefixes of the checkpoint layouts, recognised by the name of
 -- the token embedding table: transformers before 4.52 nests the decoder as
 -- language_model.model, later versions as model.language_model.
 local LAYOUTS = {
@@ -282,7 +282,7 @@ function Model:build_inputs(rows, masks, features, hook)
   end
   local legacy = total_tokens == total_images
   if not legacy and total_tokens ~= total_images * per_image then
-    error(string.format("input has %d image tokens (id %d) but %d image%s given: expected %d image tokens, or %d when each image is expanded to %d",
+    error(string.format("input has %d image tokens (id %d) but %d image%s given: expected %d, or %d when each image is expanded to %d tokens",
       total_tokens, self.image_token_id, total_images, total_images == 1 and " was" or "s were", total_images,
       total_images * per_image, per_image), 2)
   end

@@ -71,8 +71,8 @@ function Report:close(name, diff, tol)
   return ok
 end
 
--- An exact check; `detail` says what differs when it fails (or summarises
--- what matched).
+-- An exact check. `detail` describes the first difference when it fails,
+-- or summarises what matched.
 function Report:exact(name, ok, detail)
   record(self, ok, name)
   print(string.format("%-4s %s%s%s", ok and "ok" or "FAIL", self.prefix, name, detail and (": " .. detail) or ""))

@@ -94,7 +94,7 @@ function Layer:attention(x, positions, kv, mask)
     k, v = kv:append(k, v) -- (B, Hkv, K, Dh) each
   end
 
-  -- causal attention, aligned so the last query sees the last key
+  -- causal attention, aligned so that the last query attends to the last key
   local o = loom.attention(q, k, v, { causal = true, mask = mask })
 
   -- merge heads and project back
@@ -116,7 +116,7 @@ Model.__index = Model
 -- Build the decoder. `prefix` names the LlamaModel part ("model" or
 -- "language_model.model"); `head` names the output head weight
 -- ("lm_head.weight"), which is tied to the token embeddings when the config
--- says tie_word_embeddings. opts.name names the hook's intermediates
+-- sets tie_word_embeddings. opts.name names the hook's intermediates
 -- (default "lm").
 function M.new(cfg, weights, prefix, head, opts)
   opts = opts or {}

@@ -1,0 +1,95 @@
+-- Describe an image with a LLaVA checkpoint in the Hugging Face layout:
+--   loom scripts/llava.lua --model DIR --image FILE --prompt TEXT [options]
+-- The prompt is put into LLaVA's llava_v1 conversation template unless it
+-- already contains an "<image>" marker, in which case it is used as written.
+local llava = require("loom.llava")
+local prompt = require("loom.prompt")
+
+local HELP = [[
+usage: loom scripts/llava.lua --model DIR --image FILE --prompt TEXT [options]
+
+Generate text about an image with a LLaVA checkpoint directory (config.json,
+model.safetensors, preprocessor_config.json, tokenizer.json or
+tokenizer.model).
+
+  --model DIR               checkpoint directory
+  --image FILE              image file (PNG, JPEG, BMP or GIF)
+  --prompt TEXT             question about the image; put into the llava_v1
+                            template unless it contains "<image>"
+  --max-new-tokens N        maximum number of tokens to generate (default 64)
+  --temperature T           sampling temperature; 0 decodes greedily (default 0)
+  --top-k K                 sample only among the K most likely tokens (default 0: all)
+  --top-p P                 sample from the smallest set of tokens whose
+                            probability reaches P (default 1: all)
+  --seed N                  seed of the sampler (default 0)
+  --repetition-penalty R    divide the logits of tokens already in the
+                            sequence by R (default 1: off)
+  --stop TEXT               stop when the text contains TEXT (repeatable)
+  --stream                  print the text while it is generated
+  -h, --help                show this help
+]]
+
+local function fail(message)
+  io.stderr:write("llava: ", message, "\n(see --help)\n")
+  os.exit(2)
+end
+
+local NUMBER_OPTIONS = {
+  ["--max-new-tokens"] = "max_new_tokens", ["--temperature"] = "temperature", ["--top-k"] = "top_k",
+  ["--top-p"] = "top_p", ["--seed"] = "seed", ["--repetition-penalty"] = "repetition_penalty",
+}
+local INTEGER_OPTIONS = { max_new_tokens = true, top_k = true, seed = true }
+
+local function parse(args)
+  local opts = { max_new_tokens = 64, stop = {} }
+  local i = 1
+  while i <= #args do
+    local a = args[i]
+    local value = args[i + 1]
+    if a == "-h" or a == "--help" then
+      io.write(HELP)
+      os.exit(0)
+    elseif a == "--stream" then
+      opts.stream, i = true, i + 1
+    elseif a == "--model" or a == "--image" or a == "--prompt" or a == "--stop" then
+      if value == nil then fail("option " .. a .. " needs a value") end
+      if a == "--stop" then opts.stop[#opts.stop + 1] = value else opts[a:sub(3)] = value end
+      i = i + 2
+    elseif NUMBER_OPTIONS[a] then
+      local key = NUMBER_OPTIONS[a]
+      local n = tonumber(value or "")
+      if n == nil then fail(string.format("option %s needs a number, got '%s'", a, tostring(value))) end
+      if INTEGER_OPTIONS[key] then
+        n = math.tointeger(n)
+        if n == nil then fail(string.format("option %s needs an integer, got '%s'", a, value)) end
+      end
+      opts[key], i = n, i + 2
+    else
+      fail("unknown argument '" .. a .. "'")
+    end
+  end
+  for _, required in ipairs({ "model", "image", "prompt" }) do
+    if opts[required] == nil then fail("missing --" .. required) end
+  end
+  return opts
+end
+
+local opts = parse(arg or {})
+local model = llava.load(opts.model)
+local text = opts.prompt
+if not text:find(prompt.IMAGE_MARKER, 1, true) then text = prompt.llava_v1(text) end
+
+local stream
+if opts.stream then
+  stream = function(piece)
+    io.write(piece)
+    io.flush()
+  end
+end
+
+local result = model:generate({
+  image = opts.image, prompt = text, max_new_tokens = opts.max_new_tokens,
+  temperature = opts.temperature, top_k = opts.top_k, top_p = opts.top_p, seed = opts.seed,
+  repetition_penalty = opts.repetition_penalty, stop = #opts.stop > 0 and opts.stop or nil, stream = stream,
+})
+if opts.stream then io.write("\n") else print(result.text) end

@@ -1,36 +1,29 @@
 -- Tests of the LLaVA pipeline on the shipped tiny checkpoint
 -- (examples/models/tiny-llava): prompt errors, loading errors, batching
 -- with left padding, seeded sampling, stop strings and streaming.
+package.path = arg[0]:gsub("[^/]*$", "") .. "?.lua;" .. package.path
+local shared = require("check")
 local loom = require("loom")
 local llava = require("loom.llava")
 local prompt = require("loom.prompt")
 local generate = require("loom.generate")
 local json = require("loom.json")
 
-local MODEL_DIR = "examples/models/tiny-llava"
-local IMAGE = "examples/images/cat.png"
+local root = arg[0]:gsub("tests/lua/[^/]*$", "")
+local MODEL_DIR = root .. "examples/models/tiny-llava"
+local IMAGE = root .. "examples/images/cat.png"
 
-local passed, failed = 0, 0
-
+-- Count one named check; `detail` explains a failure.
 local function check(name, ok, detail)
-  if ok then
-    passed = passed + 1
-    print("ok   " .. name)
-  else
-    failed = failed + 1
-    print("FAIL " .. name .. (detail and (": " .. detail) or ""))
-  end
+  return shared.check(ok, name .. (detail and (": " .. detail) or ""))
 end
 
--- Run fn, which must raise an error containing `expected` (plain text).
+-- Count one check that fn(...) raises an error containing `expected`.
 local function checkerror(name, expected, fn, ...)
-  local ok, err = pcall(fn, ...)
-  if ok then
-    check(name, false, "no error raised, expected '" .. expected .. "'")
-  else
-    err = tostring(err)
-    check(name, err:find(expected, 1, true) ~= nil, string.format("error '%s' does not contain '%s'", err, expected))
-  end
+  local args = table.pack(...)
+  local ok = shared.checkerror(function() fn(table.unpack(args, 1, args.n)) end, expected)
+  if not ok then io.stderr:write("  in check '" .. name .. "'\n") end
+  return ok
 end
 
 local function run(name, fn)
@@ -264,5 +257,4 @@ run("stop strings and streaming", function()
   check("streamed text without stop", table.concat(pieces) == streamed_full.text and streamed_full.text == full.text)
 end)
 
-print(string.format("%d passed, %d failed", passed, failed))
-os.exit(failed == 0 and 0 or 1)
+shared.summary()

@@ -172,6 +172,38 @@ run("sharded checkpoint", function()
 end)
 
 -- ---------------------------------------------------------------------------
+-- Tied output head: without lm_head.weight the token embeddings project
+
+run("tied output head", function()
+  local dir = temp_dir()
+  local weights = loom.load(MODEL_DIR .. "/model.safetensors")
+  local kept = {}
+  for name, t in pairs(weights) do
+    if name ~= "language_model.lm_head.weight" then kept[name] = t end
+  end
+  loom.save(dir .. "/model.safetensors", kept)
+  local config = json.read(MODEL_DIR .. "/config.json")
+  config.text_config.tie_word_embeddings = true
+  local fh = assert(io.open(dir .. "/config.json", "w"))
+  fh:write(json.encode(config))
+  fh:close()
+
+  local tied = llava.load(dir, { tokenizer = false, preprocessor = false })
+  local ids = loom.tensor({ { 1, 20, 30 } }, "i64")
+  local logits = tied.lm:forward({ input_ids = ids })
+  local _, hidden = tied.lm:forward({ input_ids = ids, logits = false })
+  local expected = loom.matmul(hidden, weights["language_model.model.embed_tokens.weight"]:transpose(1, 2)) -- (V, D) -> (D, V)
+  check("tied head uses the embeddings", loom.max_abs_diff(logits, expected) < 1e-5)
+  config.text_config.tie_word_embeddings = false
+  fh = assert(io.open(dir .. "/config.json", "w"))
+  fh:write(json.encode(config))
+  fh:close()
+  checkerror("untied head must exist", "missing tensor 'language_model.lm_head.weight'", llava.load, dir,
+    { tokenizer = false, preprocessor = false })
+  os.execute("rm -rf '" .. dir .. "'")
+end)
+
+-- ---------------------------------------------------------------------------
 -- Prompt errors and generation on the tiny model
 
 local model = llava.load(MODEL_DIR)

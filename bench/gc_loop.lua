@@ -15,7 +15,7 @@ local function peak_rss_kib()
 end
 
 -- AddressSanitizer keeps freed memory in quarantine, so under it the peak
--- says nothing about the pacing; report it so that callers can tell.
+-- does not measure the pacing. Report it so that callers can tell.
 local function under_asan()
   local f = io.open("/proc/self/maps", "r")
   if not f then

@@ -43,7 +43,7 @@ static int is_file(const char *path) {
 
 /* Open `path` into the box: a directory (model.safetensors, its index, or
  * else pytorch_model.bin), a safetensors file or index, or a PyTorch zip
- * checkpoint, told apart by content. */
+ * checkpoint. Files are recognised by content. */
 static void open_checkpoint(lua_State *L, checkpoint_box *box, const char *path) {
     int rc;
     if (is_directory(path)) {
@@ -161,8 +161,8 @@ static int l_checkpoint_save(lua_State *L) {
         }
     }
 
-    /* Arrays live in userdata boxes, so an error cannot leak them; every
-     * string and tensor stays referenced by the argument tables. */
+    /* The arrays are userdata, which the collector frees after an error.
+     * Every string and tensor stays referenced by the argument tables. */
     save_entry *entries = lua_newuserdatauv(L, (size_t)(n ? n : 1) * sizeof *entries, 0);
     const char **names = lua_newuserdatauv(L, (size_t)(n ? n : 1) * sizeof *names, 0);
     const loom_tensor **tensors = lua_newuserdatauv(L, (size_t)(n ? n : 1) * sizeof *tensors, 0);

@@ -12,7 +12,7 @@
 
 #define IMAGE_BOX_MT "loom.ImageBox"
 
-/* A decoded image owned by a userdata, so that a Lua error cannot leak it. */
+/* A decoded image inside a userdata, whose __gc frees it after a Lua error. */
 typedef struct image_box {
     loom_image image;
 } image_box;
@@ -141,7 +141,7 @@ static void read_decode_options(lua_State *L, int idx, loom_image_decode_options
 }
 
 /* Push the tensor returned by load/decode: RGB (H, W, 3) for images
- * without alpha, RGBA (H, W, 4) for images with alpha unless `rgb` asks for
+ * without alpha, RGBA (H, W, 4) for images with alpha unless `rgb` requests
  * Pillow's convert("RGB") (alpha dropped). Then push the info table. */
 static int push_decoded(lua_State *L, image_box *box, int rgb) {
     loom_image *img = &box->image;
@@ -316,9 +316,11 @@ static int l_image_normalize(lua_State *L) {
         lua_settop(L, 2);
         luaL_argcheck(L, has_mean == has_std, 2, "give both 'mean' and 'std' or neither");
     }
-    loom_rescale_mode rm = mode == 0 ? LOOM_RESCALE_NONE : mode == 1 ? LOOM_RESCALE_MULTIPLY : LOOM_RESCALE_DIVIDE_255;
+    static const loom_rescale_mode rescale_modes[] = {LOOM_RESCALE_NONE, LOOM_RESCALE_MULTIPLY,
+                                                      LOOM_RESCALE_DIVIDE_255};
+
     loom_tensor *r = loom_newtensor(L);
-    if (loom_image_normalize(r, img, rm, factor, has_mean ? mean : NULL, has_std ? std : NULL) != LOOM_OK)
+    if (loom_image_normalize(r, img, rescale_modes[mode], factor, has_mean ? mean : NULL, has_std ? std : NULL) != LOOM_OK)
         loom_core_error(L, "normalize");
     loom_gc_pace(L);
     return 1;
@@ -337,8 +339,10 @@ static int l_image_to_rgb(lua_State *L) {
         if (!lua_isnil(L, -1)) {
             double bg[3];
             check_numbers(L, -1, 3, bg, 2, "field 'background'");
-            for (int i = 0; i < 3; i++)
-                background[i] = (uint8_t)(bg[i] < 0 ? 0 : bg[i] > 255 ? 255 : bg[i]);
+            for (int i = 0; i < 3; i++) {
+                luaL_argcheck(L, bg[i] >= 0 && bg[i] <= 255, 2, "field 'background' values must be in 0..255");
+                background[i] = (uint8_t)bg[i];
+            }
         }
     }
     lua_settop(L, 2);
@@ -451,6 +455,7 @@ static void append_json(lua_State *L, int acc, int idx, int depth) {
         append_cstr(L, acc, "null");
         return;
     }
+
     if (depth > 32)
         luaL_error(L, "preprocess: the configuration table is nested too deeply");
     luaL_checkstack(L, 6, "configuration too deep");
@@ -467,6 +472,7 @@ static void append_json(lua_State *L, int acc, int idx, int depth) {
         append_cstr(L, acc, "]");
         return;
     }
+
     append_cstr(L, acc, "{");
     int first = 1;
     for (lua_pushnil(L); lua_next(L, idx); lua_pop(L, 1)) {

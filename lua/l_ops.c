@@ -1,8 +1,8 @@
-/* Lua binding of core/ops.h: every operator is a module function and a
+/* Lua binding of core/ops.h. Every operator is a module function and a
  * tensor method (tensor first), with an optional trailing `out` tensor that
- * receives the result in place; the arithmetic metamethods; and the
- * "loom.KVCache" userdata. Shapes and dtypes are checked here, with
- * 1-based dimensions in the messages, before the core runs. */
+ * receives the result in place. Also the arithmetic metamethods and the
+ * "loom.KVCache" userdata. Shapes and dtypes are checked here, with 1-based
+ * dimensions in the messages, before the core runs. */
 #include <math.h>
 #include <string.h>
 
@@ -375,7 +375,7 @@ static int l_ops_cat(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     int n = (int)lua_rawlen(L, 1);
     luaL_argcheck(L, n > 0, 1, "expected a non-empty list of tensors");
-    /* the pointer array lives in a userdata, so an error cannot leak it */
+    /* the pointer array is a userdata, which the collector frees after an error */
     const loom_tensor **inputs = lua_newuserdatauv(L, (size_t)n * sizeof *inputs, 0);
     for (int i = 0; i < n; i++) {
         lua_rawgeti(L, 1, i + 1);
@@ -386,6 +386,7 @@ static int l_ops_cat(lua_State *L) {
         lua_pop(L, 1); /* still referenced by the list */
         inputs[i] = t;
     }
+
     const loom_tensor *first = inputs[0];
     int dim = lua_isnoneornil(L, 2) ? 0 : loom_checkdim(L, 2, first, 0);
     for (int i = 1; i < n; i++) {
@@ -397,6 +398,7 @@ static int l_ops_cat(lua_State *L) {
             luaL_argerror(L, 1, lua_pushfstring(L, "tensor %d has shape %s, which does not match %s outside dimension %d",
                                                 i + 1, loom_shape_str(t).s, loom_shape_str(first).s, dim + 1));
     }
+
     loom_tensor *r;
     if (lua_isnoneornil(L, 3)) {
         r = loom_newtensor(L);
@@ -459,6 +461,7 @@ static int l_ops_rope(lua_State *L) {
     if (!((pos->ndim == 1 && pos->shape[0] == T) || (pos->ndim == 2 && pos->shape[0] == x->shape[0] && pos->shape[1] == T)))
         luaL_argerror(L, 2, lua_pushfstring(L, "expected [%I] or [%I, %I], got %s", (lua_Integer)T,
                                             (lua_Integer)x->shape[0], (lua_Integer)T, loom_shape_str(pos).s));
+
     int opts = opt_table(L, 3);
     double theta = opt_number_field(L, opts, "theta", 10000.0);
     double scaling = opt_number_field(L, opts, "scaling", 1.0);
@@ -477,6 +480,7 @@ static int l_ops_rope(lua_State *L) {
         luaL_argerror(L, 3, lua_pushfstring(L, "field 'rotary_dim' must be an even integer in 2..%I, got %f",
                                             (lua_Integer)D, rotary));
     luaL_argcheck(L, theta > 0 && scaling > 0, 3, "fields 'theta' and 'scaling' must be positive");
+
     const loom_tensor *ins[2] = {x, pos};
     loom_tensor *r = result_begin(L, 4, ins, 2);
     if (loom_rope(r, x, pos, (float)theta, (float)scaling, (int)rotary, style) != LOOM_OK)
@@ -516,6 +520,7 @@ static int l_ops_attention(lua_State *L) {
     if (v->shape[0] != k->shape[0] || v->shape[1] != k->shape[1] || v->shape[2] != k->shape[2])
         luaL_argerror(L, 3, lua_pushfstring(L, "expected [%I, %I, %I, *], got %s", (lua_Integer)k->shape[0],
                                             (lua_Integer)k->shape[1], (lua_Integer)k->shape[2], loom_shape_str(v).s));
+
     int opts = opt_table(L, 4);
     loom_attention_opts o = {0};
     o.scale = (float)opt_number_field(L, opts, "scale", 0);
@@ -535,6 +540,7 @@ static int l_ops_attention(lua_State *L) {
         lua_replace(L, 4); /* keep the mask referenced where opts was */
     }
     o.mask = mask;
+
     const loom_tensor *ins[4] = {q, k, v, mask};
     loom_tensor *r = result_begin(L, 5, ins, 4);
     if (loom_attention(r, q, k, v, &o) != LOOM_OK)

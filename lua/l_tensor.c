@@ -1,7 +1,7 @@
 /* Lua binding of core/tensor.h: the "loom.Tensor" userdata (a loom_tensor
- * held by value), creation, queries, views, copies, indexing and the
+ * stored by value), creation, queries, views, copies, indexing and the
  * shared argument checkers. Dimensions and positions are 1-based here and
- * 0-based in the core; every result userdata is pushed before the core call
+ * 0-based in the core. Every result userdata is pushed before the core call
  * that fills it, so a Lua error never orphans C storage. */
 #include <math.h>
 #include <stdint.h>
@@ -482,6 +482,7 @@ static int new_random(lua_State *L, const char *fname, int normal) {
     }
     if (opts)
         lua_pop(L, 1);
+
     double p1 = opt_field_number(L, opts, normal ? "mean" : "low", 0);
     double p2 = opt_field_number(L, opts, normal ? "std" : "high", 1);
     loom_dtype dt = LOOM_F32;
@@ -492,6 +493,7 @@ static int new_random(lua_State *L, const char *fname, int normal) {
     }
     if (!loom_dtype_is_float(dt))
         luaL_argerror(L, opts, lua_pushfstring(L, "dtype must be f32, f16 or bf16, got %s", loom_dtype_name(dt)));
+
     loom_tensor *r = loom_newtensor(L);
     int rc = loom_tensor_init(r, dt, ndim, shape);
     if (rc == LOOM_OK)
@@ -856,6 +858,8 @@ static int l_tensor_totable(lua_State *L) {
     return 1;
 }
 
+static int l_tensor_tolist(lua_State *L) { return l_tensor_totable(L); }
+
 static int l_tensor_item(lua_State *L) {
     loom_tensor *t = loom_checktensor(L, 1);
     int64_t index[LOOM_MAX_DIMS] = {0};
@@ -868,9 +872,9 @@ static int l_tensor_item(lua_State *L) {
 /* ---------------------------------------------------------------------------
  * indexing: t[i] selects along dimension 1, t.name finds a method */
 
-/* A view of t at position `i` (1-based or negative) of dimension 1 that
- * holds no storage reference of its own, so nothing leaks if a later step
- * raises; it is valid while t is. */
+/* A view of t at the position given by the key at `key` (1-based or
+ * negative) of dimension 1. It takes no storage reference of its own, so
+ * nothing leaks if a later step raises, and it is valid while t is. */
 static loom_tensor borrowed_row(lua_State *L, const loom_tensor *t, int key) {
     int isnum;
     lua_Integer i = lua_tointegerx(L, key, &isnum);
@@ -894,7 +898,7 @@ static loom_tensor borrowed_row(lua_State *L, const loom_tensor *t, int key) {
     return v;
 }
 
-/* Upvalue 1 is the metatable, which also holds the methods. */
+/* Upvalue 1 is the metatable, which also contains the methods. */
 static int l_tensor___index(lua_State *L) {
     loom_tensor *t = luaL_checkudata(L, 1, LOOM_TENSOR_MT);
     if (lua_type(L, 2) == LUA_TSTRING) {
@@ -1058,7 +1062,7 @@ static const luaL_Reg tensor_methods[] = {
     {"copy", l_tensor_copy},
     {"fill", l_tensor_fill},
     {"totable", l_tensor_totable},
-    {"tolist", l_tensor_totable},
+    {"tolist", l_tensor_tolist},
     {"item", l_tensor_item},
     {"free", l_tensor_free},
     {"equal", l_tensor_equal},

@@ -13,9 +13,9 @@
 #define LOOM_TENSOR_MT "loom.Tensor"
 #define LOOM_KVCACHE_MT "loom.KVCache"
 
-/* A tensor userdata holds a loom_tensor by value. storage == NULL means the
- * tensor was released (t:free(), __close, __gc) or is a result still being
- * built; every live tensor has a storage, even one of zero elements. */
+/* A tensor userdata contains a loom_tensor by value. storage == NULL means
+ * the tensor was released (t:free(), __close, __gc) or is a result still
+ * being built. Every live tensor has a storage, even one of zero elements. */
 
 /* The tensor at `idx`; raises "loom.Tensor expected, got X" for other values
  * and "attempt to use a released tensor" for a released one. */
@@ -26,15 +26,15 @@ loom_tensor *loom_testtensor(lua_State *L, int idx);
 /* loom_checktensor, or NULL when the argument is absent or nil. */
 loom_tensor *loom_opttensor(lua_State *L, int idx);
 /* Push a new, empty tensor userdata (metatable set, storage NULL) and return
- * it, so a result exists on the stack before any step that can raise; the
- * caller fills it and then calls loom_gc_pace. */
+ * it, so that a result exists on the stack before any step that can raise.
+ * The caller fills it and then calls loom_gc_pace. */
 loom_tensor *loom_newtensor(lua_State *L);
 /* Push a new userdata holding another view of `t` (one more storage
  * reference, no copy). */
 void loom_pushtensor(lua_State *L, const loom_tensor *t);
-/* The tensor at `idx`, where a number is converted into a 0-dimensional
- * tensor of `dtype` that replaces the number on the stack; raises
- * "tensor or number expected" for anything else. */
+/* The tensor at `idx`. A number there is converted into a 0-dimensional
+ * tensor of `dtype`, which replaces the number on the stack. Anything else
+ * raises "loom.Tensor or number expected". */
 loom_tensor *loom_totensor(lua_State *L, int idx, loom_dtype dtype);
 
 /* Push the text form of a live tensor (l_format.c). */

@@ -24,6 +24,8 @@
 
 static const char *progname = "loom";
 static lua_State *globalL;
+static char **main_argv; /* the command line, for pmain */
+static int main_argc;
 
 /* ---------------------------------------------------------------------------
  * messages */
@@ -179,7 +181,7 @@ static void set_paths(lua_State *L) {
     lua_pop(L, 2);
 }
 
-/* The C module linked into this executable answers require "loom.core". */
+/* require "loom.core" loads the C module linked into this executable. */
 static void preload_core(lua_State *L) {
     luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
     lua_pushcfunction(L, luaopen_loom_core);
@@ -350,6 +352,7 @@ static int feed_line(lua_State *L, const char *line) {
         }
         lua_pop(L, 2);
     }
+
     if (append_pending(line) != 0) {
         print_error("out of memory reading the input line");
         discard_pending();
@@ -620,13 +623,16 @@ static char *read_line(const char *prompt, int *interrupted) {
         FD_SET(STDIN_FILENO, &fds);
         int r = pselect(STDIN_FILENO + 1, &fds, NULL, NULL, NULL, &orig);
         if (r < 0 && errno == EINTR && prompt_interrupted) {
-            /* Ctrl-C: show it after the text typed so far, drop the line. */
+            /* Ctrl-C: show it after the text typed so far, drop the line.
+             * "^C" goes out before the terminal is restored, because that
+             * may move the cursor to column 0 (bracketed paste mode off). */
             rl_point = rl_end;
             rl_redisplay();
+            rl_echo_signal_char(SIGINT);
             rl_free_line_state();
             rl_callback_sigcleanup();
             rl_callback_handler_remove();
-            fputs("^C\n", stdout);
+            fputs("\n", stdout);
             fflush(stdout);
             *interrupted = 1;
             break;
@@ -740,8 +746,8 @@ static int run_options(lua_State *L, char **argv, int script) {
 
 /* Everything that can raise runs here, under lua_pcall from main. */
 static int pmain(lua_State *L) {
-    int argc = (int)lua_tointeger(L, 1);
-    char **argv = (char **)lua_touserdata(L, 2);
+    int argc = main_argc;
+    char **argv = main_argv;
     int script;
     int flags = collect_args(argv, argc, &script);
     if (flags & BAD_OPTION) {
@@ -759,6 +765,7 @@ static int pmain(lua_State *L) {
     }
     if ((flags & HAS_V) && !(flags & HAS_I))
         print_version();
+
     luaL_checkversion(L);
     luaL_openlibs(L);
     set_paths(L);
@@ -766,6 +773,7 @@ static int pmain(lua_State *L) {
     create_arg_table(L, argv, argc, script);
     lua_gc(L, LUA_GCGEN, 0, 0);
     load_loom(L);
+
     if (!run_options(L, argv, script))
         return 0;
     if (script < argc && run_script(L, argv, script) != LUA_OK)
@@ -788,10 +796,10 @@ int main(int argc, char **argv) {
         fprintf(stderr, "%s: cannot create a Lua state: not enough memory\n", progname);
         return EXIT_FAILURE;
     }
+    main_argc = argc;
+    main_argv = argv;
     lua_pushcfunction(L, pmain);
-    lua_pushinteger(L, argc);
-    lua_pushlightuserdata(L, argv);
-    int status = lua_pcall(L, 2, 1, 0);
+    int status = lua_pcall(L, 0, 1, 0);
     int ok = status == LUA_OK && lua_toboolean(L, -1);
     report(L, status);
     lua_close(L);

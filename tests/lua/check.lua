@@ -23,7 +23,7 @@ local function record(ok, msg, level)
   return ok
 end
 
--- Count one check of `cond`; `msg` says what was expected.
+-- Count one check of `cond`; `msg` describes what was expected.
 function M.check(cond, msg)
   local ok = record(cond and true or false, msg, 2)
   return ok -- not a tail call, so the failure location stays right

@@ -1,6 +1,6 @@
--- Smoke tests of the operator bindings: each operator, called as a module
--- function and as a method, against values computed by hand or by plain
--- Lua loops over the same inputs; the out-variant; and argument errors.
+-- Smoke tests of the operator bindings. Each operator, called as a module
+-- function and as a method, is compared with values computed by hand or by
+-- plain Lua loops over the same inputs. Also the out-variant and errors.
 package.path = arg[0]:gsub("[^/]*$", "") .. "?.lua;" .. package.path
 local check = require("check")
 local loom = require("loom")

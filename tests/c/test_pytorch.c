@@ -52,24 +52,24 @@ static bool aligned(const loom_tensor *t) {
 /* The tensor called `name`, after checking its dtype and shape; NULL when
  * it is absent. */
 static const loom_tensor *expect_tensor(const loom_pytorch *ck, const char *name, loom_dtype dtype, int ndim,
-                                        const int64_t *shape, const char *what) {
+                                        const int64_t *shape, const char *label) {
     const loom_tensor *t = loom_pytorch_get(ck, name);
-    CHECK(t != NULL, "%s: no tensor '%s'", what, name);
+    CHECK(t != NULL, "%s: no tensor '%s'", label, name);
     if (!t)
         return NULL;
-    CHECK(t->dtype == dtype, "%s: '%s' has dtype %s, expected %s", what, name, loom_dtype_name(t->dtype),
+    CHECK(t->dtype == dtype, "%s: '%s' has dtype %s, expected %s", label, name, loom_dtype_name(t->dtype),
           loom_dtype_name(dtype));
-    CHECK(shape_is(t, ndim, shape), "%s: '%s' has shape %s, expected %s", what, name, loom_shape_str(t).s,
+    CHECK(shape_is(t, ndim, shape), "%s: '%s' has shape %s, expected %s", label, name, loom_shape_str(t).s,
           loom_dims_str(ndim, shape).s);
     return t;
 }
 
 /* Compare the first n elements of t, in row-major order, with expected[]. */
-static void expect_values(const loom_tensor *t, const double *expected, int n, const char *name, const char *what) {
+static void expect_values(const loom_tensor *t, const double *expected, int n, const char *name, const char *label) {
     if (!t)
         return;
     for (int i = 0; i < n; i++)
-        CHECK(loom_tensor_get_flat(t, i) == expected[i], "%s: %s[%d] = %.9g, expected %.9g", what, name, i,
+        CHECK(loom_tensor_get_flat(t, i) == expected[i], "%s: %s[%d] = %.9g, expected %.9g", label, name, i,
               loom_tensor_get_flat(t, i), expected[i]);
 }
 
@@ -77,96 +77,96 @@ static void expect_values(const loom_tensor *t, const double *expected, int n, c
 
 /* Compare every tensor of basic_state_dict() in make_checkpoints.py with the
  * generator's formulas. */
-static void check_basic(const loom_pytorch *ck, const char *what) {
+static void check_basic(const loom_pytorch *ck, const char *label) {
     static const char *const names[] = {"w_f32", "w_f16", "w_bf16", "ids_i64", "w_i32", "w_u8",  "mask",
                                         "w_f64", "w_t",   "shared_a", "shared_b", "param", "scalar"};
     int n = (int)(sizeof names / sizeof names[0]);
-    CHECK(loom_pytorch_count(ck) == n, "%s: count %d, expected %d", what, loom_pytorch_count(ck), n);
+    CHECK(loom_pytorch_count(ck) == n, "%s: count %d, expected %d", label, loom_pytorch_count(ck), n);
     if (loom_pytorch_count(ck) != n)
         return;
     for (int i = 0; i < n; i++) {
-        CHECK(strcmp(loom_pytorch_name(ck, i), names[i]) == 0, "%s: name %d is '%s', expected '%s'", what, i,
+        CHECK(strcmp(loom_pytorch_name(ck, i), names[i]) == 0, "%s: name %d is '%s', expected '%s'", label, i,
               loom_pytorch_name(ck, i), names[i]);
-        CHECK(loom_pytorch_find(ck, names[i]) == i, "%s: find('%s') = %d", what, names[i],
+        CHECK(loom_pytorch_find(ck, names[i]) == i, "%s: find('%s') = %d", label, names[i],
               loom_pytorch_find(ck, names[i]));
-        CHECK(aligned(loom_pytorch_tensor(ck, i)), "%s: '%s' is not aligned to its element size", what, names[i]);
+        CHECK(aligned(loom_pytorch_tensor(ck, i)), "%s: '%s' is not aligned to its element size", label, names[i]);
     }
-    CHECK(loom_pytorch_find(ck, "missing") == -1, "%s: find of an absent name", what);
-    CHECK(loom_pytorch_get(ck, "missing") == NULL, "%s: get of an absent name", what);
+    CHECK(loom_pytorch_find(ck, "missing") == -1, "%s: find of an absent name", label);
+    CHECK(loom_pytorch_get(ck, "missing") == NULL, "%s: get of an absent name", label);
 
     double want[8];
-    const loom_tensor *t = expect_tensor(ck, "w_f32", LOOM_F32, 2, (int64_t[]){2, 3}, what);
+    const loom_tensor *t = expect_tensor(ck, "w_f32", LOOM_F32, 2, (int64_t[]){2, 3}, label);
     for (int i = 0; i < 6; i++)
         want[i] = i * 0.5 - 1;
-    expect_values(t, want, 6, "w_f32", what);
-    CHECK(strcmp(loom_pytorch_stored_dtype(ck, 0), "F32") == 0, "%s: w_f32 stored dtype %s", what,
+    expect_values(t, want, 6, "w_f32", label);
+    CHECK(strcmp(loom_pytorch_stored_dtype(ck, 0), "F32") == 0, "%s: w_f32 stored dtype %s", label,
           loom_pytorch_stored_dtype(ck, 0));
 
-    t = expect_tensor(ck, "w_f16", LOOM_F16, 1, (int64_t[]){4}, what);
+    t = expect_tensor(ck, "w_f16", LOOM_F16, 1, (int64_t[]){4}, label);
     for (int i = 0; i < 4; i++)
         want[i] = (i - 1.5) * 0.25;
-    expect_values(t, want, 4, "w_f16", what);
+    expect_values(t, want, 4, "w_f16", label);
 
-    t = expect_tensor(ck, "w_bf16", LOOM_BF16, 1, (int64_t[]){3}, what);
+    t = expect_tensor(ck, "w_bf16", LOOM_BF16, 1, (int64_t[]){3}, label);
     for (int i = 0; i < 3; i++)
         want[i] = (i + 1) * 0.75 * (i % 2 ? -1 : 1);
-    expect_values(t, want, 3, "w_bf16", what);
+    expect_values(t, want, 3, "w_bf16", label);
 
     /* i64 values beyond 2^53 are compared as integers, not as doubles. */
-    t = expect_tensor(ck, "ids_i64", LOOM_I64, 1, (int64_t[]){3}, what);
+    t = expect_tensor(ck, "ids_i64", LOOM_I64, 1, (int64_t[]){3}, label);
     if (t) {
         const int64_t *ids = loom_tensor_data(t);
-        CHECK(ids[0] == -1, "%s: ids_i64[0] = %lld", what, (long long)ids[0]);
-        CHECK(ids[1] == (int64_t)1 << 40, "%s: ids_i64[1] = %lld", what, (long long)ids[1]);
-        CHECK(ids[2] == 7, "%s: ids_i64[2] = %lld", what, (long long)ids[2]);
+        CHECK(ids[0] == -1, "%s: ids_i64[0] = %lld", label, (long long)ids[0]);
+        CHECK(ids[1] == (int64_t)1 << 40, "%s: ids_i64[1] = %lld", label, (long long)ids[1]);
+        CHECK(ids[2] == 7, "%s: ids_i64[2] = %lld", label, (long long)ids[2]);
     }
 
-    t = expect_tensor(ck, "w_i32", LOOM_I32, 1, (int64_t[]){2}, what);
-    expect_values(t, (double[]){-5, 123456}, 2, "w_i32", what);
-    t = expect_tensor(ck, "w_u8", LOOM_U8, 1, (int64_t[]){3}, what);
-    expect_values(t, (double[]){0, 200, 255}, 3, "w_u8", what);
-    t = expect_tensor(ck, "mask", LOOM_U8, 1, (int64_t[]){3}, what);
-    expect_values(t, (double[]){1, 0, 1}, 3, "mask", what);
-    CHECK(strcmp(loom_pytorch_stored_dtype(ck, 6), "BOOL") == 0, "%s: mask stored dtype %s", what,
+    t = expect_tensor(ck, "w_i32", LOOM_I32, 1, (int64_t[]){2}, label);
+    expect_values(t, (double[]){-5, 123456}, 2, "w_i32", label);
+    t = expect_tensor(ck, "w_u8", LOOM_U8, 1, (int64_t[]){3}, label);
+    expect_values(t, (double[]){0, 200, 255}, 3, "w_u8", label);
+    t = expect_tensor(ck, "mask", LOOM_U8, 1, (int64_t[]){3}, label);
+    expect_values(t, (double[]){1, 0, 1}, 3, "mask", label);
+    CHECK(strcmp(loom_pytorch_stored_dtype(ck, 6), "BOOL") == 0, "%s: mask stored dtype %s", label,
           loom_pytorch_stored_dtype(ck, 6));
 
     /* Double storages are converted to f32 in owned memory. */
-    t = expect_tensor(ck, "w_f64", LOOM_F32, 1, (int64_t[]){2}, what);
+    t = expect_tensor(ck, "w_f64", LOOM_F32, 1, (int64_t[]){2}, label);
     if (t)
-        CHECK(t->storage->kind == LOOM_STORAGE_OWNED, "%s: w_f64 storage kind %d", what, (int)t->storage->kind);
-    expect_values(t, (double[]){(float)0.1, -3.25}, 2, "w_f64", what);
-    CHECK(strcmp(loom_pytorch_stored_dtype(ck, 7), "F64") == 0, "%s: w_f64 stored dtype %s", what,
+        CHECK(t->storage->kind == LOOM_STORAGE_OWNED, "%s: w_f64 storage kind %d", label, (int)t->storage->kind);
+    expect_values(t, (double[]){(float)0.1, -3.25}, 2, "w_f64", label);
+    CHECK(strcmp(loom_pytorch_stored_dtype(ck, 7), "F64") == 0, "%s: w_f64 stored dtype %s", label,
           loom_pytorch_stored_dtype(ck, 7));
 
     /* The transpose of a contiguous (2, 3) tensor: t[i][j] = 10 + i + 3j. */
-    t = expect_tensor(ck, "w_t", LOOM_F32, 2, (int64_t[]){3, 2}, what);
+    t = expect_tensor(ck, "w_t", LOOM_F32, 2, (int64_t[]){3, 2}, label);
     if (t) {
-        CHECK(t->strides[0] == 1, "%s: w_t stride 0 is %lld", what, (long long)t->strides[0]);
-        CHECK(t->strides[1] == 3, "%s: w_t stride 1 is %lld", what, (long long)t->strides[1]);
-        CHECK(!loom_tensor_is_contiguous(t), "%s: w_t is contiguous", what);
+        CHECK(t->strides[0] == 1, "%s: w_t stride 0 is %lld", label, (long long)t->strides[0]);
+        CHECK(t->strides[1] == 3, "%s: w_t stride 1 is %lld", label, (long long)t->strides[1]);
+        CHECK(!loom_tensor_is_contiguous(t), "%s: w_t is contiguous", label);
         for (int64_t i = 0; i < 3; i++)
             for (int64_t j = 0; j < 2; j++)
-                CHECK(loom_tensor_get(t, (int64_t[]){i, j}) == 10 + i + 3 * j, "%s: w_t[%lld][%lld] = %g", what,
+                CHECK(loom_tensor_get(t, (int64_t[]){i, j}) == 10 + i + 3 * j, "%s: w_t[%lld][%lld] = %g", label,
                       (long long)i, (long long)j, loom_tensor_get(t, (int64_t[]){i, j}));
     }
 
     /* Two views of one storage s[k] = k * k, at element offsets 0 and 4. */
-    const loom_tensor *a = expect_tensor(ck, "shared_a", LOOM_F32, 1, (int64_t[]){4}, what);
-    const loom_tensor *b = expect_tensor(ck, "shared_b", LOOM_F32, 2, (int64_t[]){2, 2}, what);
+    const loom_tensor *a = expect_tensor(ck, "shared_a", LOOM_F32, 1, (int64_t[]){4}, label);
+    const loom_tensor *b = expect_tensor(ck, "shared_b", LOOM_F32, 2, (int64_t[]){2, 2}, label);
     if (a && b) {
-        CHECK(a->storage == b->storage, "%s: shared_a and shared_b do not share a storage", what);
-        CHECK(a->offset == 0, "%s: shared_a at byte offset %zu, expected 0", what, a->offset);
-        CHECK(b->offset == 16, "%s: shared_b at byte offset %zu, expected 16", what, b->offset);
+        CHECK(a->storage == b->storage, "%s: shared_a and shared_b do not share a storage", label);
+        CHECK(a->offset == 0, "%s: shared_a at byte offset %zu, expected 0", label, a->offset);
+        CHECK(b->offset == 16, "%s: shared_b at byte offset %zu, expected 16", label, b->offset);
     }
-    expect_values(a, (double[]){0, 1, 4, 9}, 4, "shared_a", what);
-    expect_values(b, (double[]){16, 25, 36, 49}, 4, "shared_b", what);
+    expect_values(a, (double[]){0, 1, 4, 9}, 4, "shared_a", label);
+    expect_values(b, (double[]){16, 25, 36, 49}, 4, "shared_b", label);
 
-    t = expect_tensor(ck, "param", LOOM_F32, 1, (int64_t[]){2}, what);
-    expect_values(t, (double[]){3, 4}, 2, "param", what);
-    t = expect_tensor(ck, "scalar", LOOM_F32, 0, NULL, what);
-    expect_values(t, (double[]){9}, 1, "scalar", what);
+    t = expect_tensor(ck, "param", LOOM_F32, 1, (int64_t[]){2}, label);
+    expect_values(t, (double[]){3, 4}, 2, "param", label);
+    t = expect_tensor(ck, "scalar", LOOM_F32, 0, NULL, label);
+    expect_values(t, (double[]){9}, 1, "scalar", label);
 
-    CHECK(loom_pytorch_metadata_count(ck) == 0, "%s: %d metadata values, expected none", what,
+    CHECK(loom_pytorch_metadata_count(ck) == 0, "%s: %d metadata values, expected none", label,
           loom_pytorch_metadata_count(ck));
 }
 
@@ -552,7 +552,7 @@ static void test_pickle_values(void) {
     loom_pickle_free(p);
 
     /* The memo: MEMOIZE numbers entries in order and BINGET shares them.
-     * The stack holds list 0, list 1, BINGET 0, BINGET 1, so TUPLE3 makes
+     * The stack has list 0, list 1, BINGET 0, BINGET 1, so TUPLE3 makes
      * (list 1, list 0, list 1). */
     CHECK_OK(LOAD(&p, "]\x94]\x94h\x00h\x01\x87."));
     if (p) {

@@ -3,7 +3,7 @@
  * in-memory checkpoint with storages "0" to "3" (0, 8, 64 and 4096 bytes), so
  * the flattening and tensor bounds checks of core/pytorch.c run too. Every
  * tensor that loads is read at up to 4096 positions and at its last element,
- * so AddressSanitizer sees any view outside its storage.
+ * so AddressSanitizer reports any view outside its storage.
  *
  * Build and run for a fixed time (from the repository root, needs clang):
  *   mkdir -p build-fuzz && clang -g -O1 -std=c11 -D_GNU_SOURCE \

@@ -9,14 +9,14 @@ CC      ?= cc
 PKG_CONFIG ?= pkg-config
 
 # Debian packages providing each pkg-config module (see mk/deps.sh).
-PKGS := lua5.4 openblas libuv libjpeg libcjson stb readline
+PKGS := lua5.4 openblas libuv libjpeg libcjson stb readline zlib
 
 OPT     ?= -O2
 ARCHFLAGS ?= -march=native
 CFLAGS_BASE := -std=c11 -D_GNU_SOURCE -Wall -Wextra -fPIC $(OPT) $(ARCHFLAGS) -g
 DEPS_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(PKGS) 2>/dev/null)
 DEPS_LIBS   := $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null)
-CFLAGS  += $(CFLAGS_BASE) $(DEPS_CFLAGS) -Icore -fopenmp
+CFLAGS  += $(CFLAGS_BASE) $(DEPS_CFLAGS) -Icore -fopenmp -DLOOM_HAVE_ZLIB
 LDLIBS  += $(DEPS_LIBS) -lm -lpthread -ldl -fopenmp
 
 CORE_SRC := $(wildcard core/*.c)
@@ -25,6 +25,8 @@ BIND_SRC := $(filter-out lua/main.c,$(wildcard lua/*.c))
 BIND_OBJ := $(BIND_SRC:%.c=$(BUILD)/%.o)
 TEST_SRC := $(wildcard tests/c/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/c/%.c=$(BUILD)/tests/%)
+BENCH_SRC := $(wildcard bench/*.c)
+BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
 
 LIB_A   := $(BUILD)/libloom.a
 LIB_SO  := $(BUILD)/libloom.so
@@ -63,6 +65,11 @@ $(LOOM): $(BUILD)/lua/main.o $(BIND_OBJ) $(LIB_A)
 	@mkdir -p bin
 	$(CC) -rdynamic -o $@ $^ $(LDFLAGS) $(LDLIBS)
 
+# Benchmark programs: bench/*.c, each built into $(BUILD)/bench/.
+$(BUILD)/bench/%: bench/%.c $(LIB_A)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $< -o $@ $(LIB_A) $(LDFLAGS) $(LDLIBS)
+
 $(BUILD)/tests/%: tests/c/%.c tests/c/check.h $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itests/c $< -o $@ $(LIB_A) $(LDFLAGS) $(LDLIBS)
@@ -75,8 +82,15 @@ asan:
 	$(MAKE) BUILD=build-asan LOOM=bin/loom-asan OPT="-O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined" \
 	    LDFLAGS="-fsanitize=address,undefined" test
 
-bench: all
-	@$(LOOM) bench/ops.lua
+# The main job on the shipped defaults: LLaVA on a photo with the tiny
+# random-weight checkpoint (see README.md for what that checkpoint is).
+DEMO_ARGS ?= --model examples/models/tiny-llava --image examples/images/cat.png \
+	--prompt "What is in the picture?" --max-new-tokens 24
+demo: all
+	@$(LOOM) scripts/llava.lua $(DEMO_ARGS)
+
+bench: all $(BENCH_BIN)
+	@for b in $(BENCH_BIN); do $$b; done
 
 install: all
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include/loom $(DESTDIR)$(PREFIX)/bin \
@@ -93,9 +107,3 @@ install: all
 clean:
 	rm -rf build build-* bin
 
-# Benchmark programs: bench/*.c, each built into $(BUILD)/bench/.
-BENCH_SRC := $(wildcard bench/*.c)
-BENCH_BIN := $(BENCH_SRC:bench/%.c=$(BUILD)/bench/%)
-$(BUILD)/bench/%: bench/%.c $(LIB_A)
-	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $< -o $@ $(LIB_A) $(LDFLAGS) $(LDLIBS)

@@ -13,6 +13,7 @@ pkg_for() {
         libcjson) echo libcjson-dev ;;
         stb) echo libstb-dev ;;
         readline) echo libreadline-dev ;;
+        zlib) echo zlib1g-dev ;;
         *) echo "$1" ;;
     esac
 }

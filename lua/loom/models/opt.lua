@@ -1,0 +1,346 @@
+-- OPT decoder (Hugging Face OPTForCausalLM). Learned position embeddings are
+-- indexed from the attention mask with OPT's offset of 2. Layers are pre- or
+-- post-LN (do_layer_norm_before) with a ReLU feed-forward block, and
+-- project_in/project_out appear when word_embed_proj_dim differs from
+-- hidden_size. The output head is tied to the token embeddings, and the KV
+-- cache's rows can be reordered for beam search. The entry point takes input
+-- embeddings so image features can be put in front of the text.
+local loom = require("loom.core")
+local nn = require("loom.nn")
+
+local M = {}
+
+-- Defaults of transformers' OPTConfig (4.44) for keys a saved config.json
+-- omits because they equal the default.
+M.defaults = {
+  vocab_size = 50272,
+  hidden_size = 768,
+  num_hidden_layers = 12,
+  ffn_dim = 3072,
+  max_position_embeddings = 2048,
+  do_layer_norm_before = true,
+  _remove_final_layer_norm = false,
+  num_attention_heads = 12,
+  activation_function = "relu",
+  enable_bias = true,
+  layer_norm_elementwise_affine = true,
+  tie_word_embeddings = true,
+  pad_token_id = 1,
+  bos_token_id = 2,
+  eos_token_id = 2,
+}
+
+-- OPTLearnedPositionalEmbedding looks up position p at row p + 2: the table
+-- has max_position_embeddings + 2 rows (ref: transformers
+-- models/opt/modeling_opt.py, `self.offset = 2`).
+M.POSITION_OFFSET = 2
+-- PyTorch's nn.LayerNorm default eps, which OPT's layer norms use.
+local LAYER_NORM_EPS = 1e-5
+
+-- A config table with every field set, from a (possibly partial) config.
+function M.config(cfg)
+  local out = {}
+  for k, v in pairs(M.defaults) do out[k] = v end
+  for k, v in pairs(cfg or {}) do out[k] = v end
+  if out.hidden_size % out.num_attention_heads ~= 0 then
+    error(string.format("OPT hidden_size %d is not a multiple of num_attention_heads %d",
+      out.hidden_size, out.num_attention_heads), 2)
+  end
+  out.word_embed_proj_dim = (cfg or {}).word_embed_proj_dim or out.hidden_size
+  out.head_dim = out.hidden_size // out.num_attention_heads
+  return out
+end
+
+-- LayerNorm with or without weight and bias (layer_norm_elementwise_affine).
+local function layer_norm(weights, name, cfg, dim)
+  if cfg.layer_norm_elementwise_affine then return nn.LayerNorm(weights, name, LAYER_NORM_EPS, dim) end
+  return { eps = LAYER_NORM_EPS, forward = function(s, x) return loom.layer_norm(x, nil, nil, s.eps) end }
+end
+
+-- ---------------------------------------------------------------------------
+-- KV cache: per layer, preallocated keys and values (B, H, capacity, Dh),
+-- plus each row's key mask and count of real tokens, which give the next
+-- positions.
+
+local Cache = {}
+Cache.__index = Cache
+
+local function new_cache(cfg, batch, capacity)
+  local self = setmetatable({ length = 0, capacity = capacity, batch = batch, layers = {}, masks = {},
+    counts = {} }, Cache)
+  local shape = { batch, cfg.num_attention_heads, capacity, cfg.head_dim }
+  for i = 1, cfg.num_hidden_layers do
+    self.layers[i] = { k = loom.zeros(shape), v = loom.zeros(shape) }
+  end
+  for r = 1, batch do self.masks[r], self.counts[r] = {}, 0 end
+  return self
+end
+
+-- Write the new keys and values (B, H, T, Dh) of layer i after the cached
+-- ones. Returns views of all of them (B, H, length + T, Dh).
+function Cache:append(i, k, v)
+  local layer, len, t = self.layers[i], self.length, k:size(3)
+  layer.k:narrow(3, len + 1, t):copy(k)
+  layer.v:narrow(3, len + 1, t):copy(v)
+  return layer.k:narrow(3, 1, len + t), layer.v:narrow(3, 1, len + t)
+end
+
+-- Reorder the rows in place: row r takes the contents of row rows[r]
+-- (1-based), as beam search does after choosing the next beams.
+function Cache:reorder(rows)
+  if #rows ~= self.batch then
+    error(string.format("cache reorder got %d rows, expected %d", #rows, self.batch), 2)
+  end
+  local ids = {}
+  for r, src in ipairs(rows) do ids[r] = src - 1 end
+  local index = loom.tensor(ids, "i64")
+  for _, layer in ipairs(self.layers) do
+    for _, key in ipairs({ "k", "v" }) do
+      local filled = layer[key]:narrow(3, 1, self.length) -- (B, H, length, Dh)
+      filled:copy(loom.index_select(filled, 1, index))
+    end
+  end
+  local masks, counts = {}, {}
+  for r, src in ipairs(rows) do
+    masks[r] = table.move(self.masks[src], 1, #self.masks[src], 1, {})
+    counts[r] = self.counts[src]
+  end
+  self.masks, self.counts = masks, counts
+end
+
+-- A new cache of #rows rows, row r copied from row rows[r] of this one (to
+-- expand one prefilled prompt into several beams).
+function Cache:gather(rows, cfg)
+  local out = new_cache(cfg, #rows, self.capacity)
+  local ids = {}
+  for r, src in ipairs(rows) do ids[r] = src - 1 end
+  local index = loom.tensor(ids, "i64")
+  for i, layer in ipairs(self.layers) do
+    for _, key in ipairs({ "k", "v" }) do
+      out.layers[i][key]:narrow(3, 1, self.length):copy(
+        loom.index_select(layer[key]:narrow(3, 1, self.length), 1, index))
+    end
+  end
+  for r, src in ipairs(rows) do
+    out.masks[r] = table.move(self.masks[src], 1, #self.masks[src], 1, {})
+    out.counts[r] = self.counts[src]
+  end
+  out.length, out.padded = self.length, self.padded
+  return out
+end
+
+-- ---------------------------------------------------------------------------
+-- One decoder layer.
+
+local Layer = {}
+Layer.__index = Layer
+
+local function new_layer(weights, prefix, cfg)
+  local d, f = cfg.hidden_size, cfg.ffn_dim
+  local bias = cfg.enable_bias and true or false
+  local self = setmetatable({ cfg = cfg }, Layer)
+  self.q_proj = nn.Linear(weights, prefix .. ".self_attn.q_proj", { bias = bias, in_features = d, out_features = d })
+  self.k_proj = nn.Linear(weights, prefix .. ".self_attn.k_proj", { bias = bias, in_features = d, out_features = d })
+  self.v_proj = nn.Linear(weights, prefix .. ".self_attn.v_proj", { bias = bias, in_features = d, out_features = d })
+  self.out_proj = nn.Linear(weights, prefix .. ".self_attn.out_proj",
+    { bias = bias, in_features = d, out_features = d })
+  self.self_attn_layer_norm = layer_norm(weights, prefix .. ".self_attn_layer_norm", cfg, d)
+  self.fc1 = nn.Linear(weights, prefix .. ".fc1", { bias = bias, in_features = d, out_features = f })
+  self.fc2 = nn.Linear(weights, prefix .. ".fc2", { bias = bias, in_features = f, out_features = d })
+  self.final_layer_norm = layer_norm(weights, prefix .. ".final_layer_norm", cfg, d)
+  self.act = nn.activation(cfg.activation_function)
+  return self
+end
+
+-- Self-attention over x (B, T, D). cache is nil or the cache whose layer i
+-- this is. mask is nil or u8 (B, 1, 1, K) with 1 for keys that may be attended.
+function Layer:attention(x, cache, i, mask)
+  local b, t = x:size(1), x:size(2)
+  local h, hd = self.cfg.num_attention_heads, self.cfg.head_dim
+
+  local q = self.q_proj:forward(x):view(b, t, h, hd):transpose(2, 3) -- (B, T, D) -> (B, H, T, Dh)
+  local k = self.k_proj:forward(x):view(b, t, h, hd):transpose(2, 3) -- (B, T, D) -> (B, H, T, Dh)
+  local v = self.v_proj:forward(x):view(b, t, h, hd):transpose(2, 3) -- (B, T, D) -> (B, H, T, Dh)
+  if cache then
+    k, v = cache:append(i, k, v) -- (B, H, K, Dh) each
+  end
+
+  -- causal attention aligned so that the last query attends to the last key
+  local o = loom.attention(q, k, v, { causal = true, mask = mask })
+  o = o:transpose(2, 3):reshape(b, t, h * hd) -- (B, H, T, Dh) -> (B, T, D)
+  return self.out_proj:forward(o)
+end
+
+function Layer:forward(x, cache, i, mask)
+  local pre = self.cfg.do_layer_norm_before
+
+  -- self-attention block
+  local a = self:attention(pre and self.self_attn_layer_norm:forward(x) or x, cache, i, mask)
+  local h = x + a
+  if not pre then h = self.self_attn_layer_norm:forward(h) end
+
+  -- feed-forward block
+  local f = self.fc2:forward(self.act(self.fc1:forward(pre and self.final_layer_norm:forward(h) or h)))
+  local out = h + f
+  if not pre then out = self.final_layer_norm:forward(out) end
+  return out
+end
+
+-- ---------------------------------------------------------------------------
+-- The decoder.
+
+local Model = {}
+Model.__index = Model
+
+-- Build the decoder. `prefix` names the OPTDecoder part
+-- ("model.decoder" or "language_model.model.decoder"); `head` names the
+-- output head weight ("lm_head.weight"), tied to the token embeddings when
+-- the checkpoint has no such tensor and the config sets tie_word_embeddings.
+-- opts.name names the hook's intermediates (default "lm").
+function M.new(cfg, weights, prefix, head, opts)
+  opts = opts or {}
+  cfg = M.config(cfg)
+  local d, w = cfg.hidden_size, cfg.word_embed_proj_dim
+  local self = setmetatable({ cfg = cfg, name = opts.name or "lm" }, Model)
+
+  self.embed_tokens = nn.Embedding(weights, prefix .. ".embed_tokens.weight")
+  nn.check_shape(self.embed_tokens.weight, { cfg.vocab_size, w }, prefix .. ".embed_tokens.weight")
+  self.embed_positions = nn.Embedding(weights, prefix .. ".embed_positions.weight")
+  nn.check_shape(self.embed_positions.weight, { cfg.max_position_embeddings + M.POSITION_OFFSET, d },
+    prefix .. ".embed_positions.weight")
+  if w ~= d then
+    self.project_in = nn.Linear(weights, prefix .. ".project_in", { bias = false, in_features = w, out_features = d })
+    self.project_out = nn.Linear(weights, prefix .. ".project_out", { bias = false, in_features = d, out_features = w })
+  end
+
+  self.layers = {}
+  for i = 0, cfg.num_hidden_layers - 1 do
+    self.layers[i + 1] = new_layer(weights, string.format("%s.layers.%d", prefix, i), cfg)
+  end
+  if cfg.do_layer_norm_before and not cfg._remove_final_layer_norm then
+    self.final_layer_norm = layer_norm(weights, prefix .. ".final_layer_norm", cfg, d)
+  end
+
+  if weights[head] == nil and cfg.tie_word_embeddings then
+    self.lm_head = { weight = self.embed_tokens.weight, forward = function(s, x) return loom.linear(x, s.weight) end }
+  else
+    self.lm_head = nn.Linear(weights, (head:gsub("%.weight$", "")),
+      { bias = false, in_features = w, out_features = cfg.vocab_size })
+  end
+  return self
+end
+
+-- Token embeddings (B, T, word_embed_proj_dim) of 0-based ids (B, T).
+function Model:embed(ids)
+  return self.embed_tokens:forward(ids)
+end
+
+-- A KV cache for `batch` sequences of up to `capacity` positions.
+function Model:new_cache(batch, capacity)
+  return new_cache(self.cfg, batch, capacity)
+end
+
+-- Expand a cache's rows: row r of the result is row rows[r] of `cache`.
+function Model:gather_cache(cache, rows)
+  return cache:gather(rows, self.cfg)
+end
+
+-- Position indices into embed_positions (B, T) for new positions with 0/1
+-- mask rows, after `counts[r]` real tokens already seen: cumsum(mask) * mask
+-- - 1 + 2 over the whole sequence, as OPTLearnedPositionalEmbedding computes
+-- it (padding gets index 1). Updates counts.
+local function position_rows(mask_rows, counts)
+  local out = {}
+  for r, row in ipairs(mask_rows) do
+    local count, p = counts[r], {}
+    for i, m in ipairs(row) do
+      count = count + m
+      p[i] = count * m - 1 + M.POSITION_OFFSET
+    end
+    counts[r], out[r] = count, p
+  end
+  return out
+end
+
+-- Run the decoder.
+--   args.inputs_embeds (B, T, word_embed_proj_dim) f32, or args.input_ids (B, T)
+--   args.attention_mask (B, T) 0/1 of the new positions as a tensor or Lua
+--                      lists (default all 1); the cache keeps earlier ones
+--   args.cache         from new_cache, or nil to run without one
+--   args.logits        "all" (default), "last" or false
+--   args.hook          debug hook function(name, tensor)
+-- Returns logits (B, T or 1, V) (or nil) and the last hidden state (B, T, D)
+-- after the final layer norm and project_out.
+function Model:forward(args)
+  local hook, name, cfg = args.hook, self.name, self.cfg
+  local x = args.inputs_embeds or self:embed(args.input_ids)
+  local b, t = x:size(1), x:size(2)
+  local cache = args.cache
+  local past = cache and cache.length or 0
+  if cache and (past + t > cache.capacity or b ~= cache.batch) then
+    error(string.format("KV cache of %d rows and %d positions (%d filled) cannot take %d rows of %d positions",
+      cache.batch, cache.capacity, past, b, t), 2)
+  end
+
+  -- the new positions' mask rows, and the full key mask when anything is padded
+  local mask_rows = args.attention_mask
+  if loom.is_tensor(mask_rows) then mask_rows = mask_rows:totable() end
+  if mask_rows == nil then
+    mask_rows = {}
+    for r = 1, b do
+      mask_rows[r] = {}
+      for i = 1, t do mask_rows[r][i] = 1 end
+    end
+  end
+  local counts = {}
+  for r = 1, b do counts[r] = cache and cache.counts[r] or 0 end
+  local index = loom.tensor(position_rows(mask_rows, counts), "i64")
+  local key_rows, padded = {}, false
+  for r = 1, b do
+    local keys = cache and table.move(cache.masks[r], 1, past, 1, {}) or {}
+    for i = 1, t do
+      keys[past + i] = mask_rows[r][i]
+      padded = padded or mask_rows[r][i] == 0
+    end
+    key_rows[r] = keys
+    padded = padded or (cache and cache.padded) or false
+  end
+  local mask = padded and loom.tensor(key_rows, "u8"):view(b, 1, 1, past + t) or nil -- (B, K) -> (B, 1, 1, K)
+
+  local max_index = loom.max(index):item()
+  if max_index >= self.embed_positions.num_embeddings then
+    error(string.format("sequence reaches position %d, beyond OPT's max_position_embeddings of %d",
+      max_index - M.POSITION_OFFSET + 1, cfg.max_position_embeddings), 2)
+  end
+
+  -- token embeddings (projected to hidden_size) plus learned positions
+  nn.tap(hook, name .. ".position_index_into_embed_positions", index)
+  local positions = nn.tap(hook, name .. ".position_embeddings", self.embed_positions:forward(index))
+  if self.project_in then x = self.project_in:forward(x) end
+  x = nn.tap(hook, name .. ".hidden_states.0", x + positions)
+
+  for i, layer in ipairs(self.layers) do
+    x = layer:forward(x, cache, i, mask)
+    if i < #self.layers then nn.tap(hook, name .. ".hidden_states." .. i, x) end
+  end
+  if self.final_layer_norm then x = self.final_layer_norm:forward(x) end
+  if self.project_out then x = self.project_out:forward(x) end
+  nn.tap(hook, name .. ".hidden_states." .. #self.layers, x)
+
+  if cache then
+    cache.length = past + t
+    cache.masks, cache.counts, cache.padded = key_rows, counts, padded
+  end
+
+  local logits
+  if args.logits == "last" then
+    logits = self.lm_head:forward(x:narrow(2, t, 1)) -- (B, T, D) -> (B, 1, V)
+  elseif args.logits ~= false then
+    logits = self.lm_head:forward(x) -- (B, T, D) -> (B, T, V)
+  end
+  return logits, x
+end
+
+M.Model = Model
+M.Cache = Cache
+return M

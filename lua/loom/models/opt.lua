@@ -171,6 +171,9 @@ function Layer:attention(x, cache, i, mask)
   return self.out_proj:forward(o)
 end
 
+-- NOTE: only the pre-LN path without project_in/project_out is checked
+-- against a reference case (BLIP-2 uses no other); the post-LN path follows
+-- OPTDecoderLayer's order but has no reference data yet.
 function Layer:forward(x, cache, i, mask)
   local pre = self.cfg.do_layer_norm_before
 

@@ -11,6 +11,7 @@ local common = require("parity.common")
 -- The kinds, tried in order; each module has detect(dir) and run(dir,
 -- report). A new kind is one file under tests/parity/ and one line here.
 local KINDS = {
+  { name = "blip2", module = "parity.blip2" },
   { name = "llava", module = "parity.llava" },
   { name = "preprocess", module = "parity.preprocess" },
   { name = "tokenizers", module = "parity.tokenizers" },

@@ -12,6 +12,7 @@ local common = require("parity.common")
 -- report). A new kind is one file under tests/parity/ and one line here.
 local KINDS = {
   { name = "blip2", module = "parity.blip2" },
+  { name = "idefics", module = "parity.idefics" },
   { name = "llava", module = "parity.llava" },
   { name = "preprocess", module = "parity.preprocess" },
   { name = "tokenizers", module = "parity.tokenizers" },

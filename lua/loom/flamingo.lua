@@ -1,0 +1,450 @@
+-- The Flamingo pipeline shared by IDEFICS (idefics.lua) and OpenFlamingo
+-- (openflamingo.lua): images are encoded and resampled into latents, gated
+-- cross-attention blocks run between the frozen language model's layers,
+-- and each text token sees the image its media mask gives it. A family file
+-- loads the parts and sets the fields listed at Model below; this file runs
+-- the forward pass, the media masks and cached generation.
+local loom = require("loom.core")
+local json = require("loom.json")
+local nn = require("loom.nn")
+local gated_xattn = require("loom.connectors.gated_xattn")
+local generate = require("loom.generate")
+
+local M = {}
+
+-- ---------------------------------------------------------------------------
+-- Files
+
+function M.path_join(dir, name)
+  return (dir:gsub("/+$", "")) .. "/" .. name
+end
+
+function M.file_exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() return true end
+  return false
+end
+
+-- A copy of a decoded JSON value with JSON nulls turned into absent keys.
+local function strip_nulls(v)
+  if v == json.null then return nil end
+  if type(v) ~= "table" then return v end
+  local out = {}
+  for k, x in pairs(v) do out[k] = strip_nulls(x) end
+  return out
+end
+
+-- Read a JSON file of a checkpoint directory; raises naming the file.
+function M.read_json(dir, name, what)
+  local path = M.path_join(dir, name)
+  local value, err = json.read(path)
+  if value == nil then error(string.format("cannot read the %s: %s", what, err), 3) end
+  return strip_nulls(value)
+end
+
+-- The tokenizer.json of a directory, or nil when there is none.
+function M.load_tokenizer(dir)
+  local path = M.path_join(dir, "tokenizer.json")
+  if not M.file_exists(path) then return nil end
+  local tk = require("loom").tokenizer
+  local tok, err = tk.load(path)
+  if tok == nil then error(err, 3) end
+  return tok
+end
+
+-- ---------------------------------------------------------------------------
+-- Prompts: a Lua list of images (paths or tensors) and strings
+
+M.IMAGE_MARKER = "<image>"
+
+-- Split a prompt list into its items, each {kind = "text" | "image",
+-- value}: a string is text, a tensor or {image = path} is an image.
+-- Raises for other values.
+function M.prompt_items(list)
+  if type(list) ~= "table" or loom.is_tensor(list) then
+    error("a prompt is a list of images and strings", 3)
+  end
+  local items = {}
+  for i, item in ipairs(list) do
+    if type(item) == "string" then
+      items[i] = { kind = "text", value = item }
+    elseif loom.is_tensor(item) then
+      items[i] = { kind = "image", value = item }
+    elseif type(item) == "table" and item.image ~= nil then
+      items[i] = { kind = "image", value = item.image }
+    else
+      error(string.format("prompt item %d is a %s (expected a string, an image tensor or {image = path})",
+        i, type(item)), 3)
+    end
+  end
+  return items
+end
+
+local function plural(n, word)
+  return string.format("%d %s%s", n, word, n == 1 and "" or "s")
+end
+
+-- The prompt list of a text whose "<image>" markers stand for `images` in
+-- order. Raises when markers and images differ in number.
+function M.split_markers(text, images)
+  local list, pos, used = {}, 1, 0
+  while true do
+    local s, e = text:find(M.IMAGE_MARKER, pos, true)
+    local chunk = text:sub(pos, (s or #text + 1) - 1)
+    if #chunk > 0 then list[#list + 1] = chunk end
+    if not s then break end
+    used = used + 1
+    if images[used] ~= nil then
+      list[#list + 1] = type(images[used]) == "string" and { image = images[used] } or images[used]
+    end
+    pos = e + 1
+  end
+  if used ~= #images then
+    local diff = used - #images
+    error(string.format("prompt has %s but %s given: %s", plural(used, "<image> marker"),
+      plural(#images, "image") .. (#images == 1 and " was" or " were"),
+      diff > 0 and (plural(diff, "marker") .. " more than images") or (plural(-diff, "image") .. " more than markers")), 2)
+  end
+  return list
+end
+
+-- ---------------------------------------------------------------------------
+-- The model
+
+-- Fields a family sets:
+--   lm                language model with layers, forward(args), new_cache, embed
+--   blocks            {[layer] = gated block}, already inserted into lm.layers
+--   state             the table shared with the inserted blocks
+--   perceiver         the resampler
+--   media_token_id    id of the token that marks an image
+--   reset_token_id    id after which tokens see no image (IDEFICS' EOS) or nil
+--   mask_mode         "latest" or "all"
+--   decode_media      new tokens see "last_row" (the last prompt token's
+--                     images, as IDEFICS' generate) or "last_image"
+--                     (OpenFlamingo's cached media)
+--   eos_id, pad_id, context, tokenizer, preprocessor, dir
+-- and methods vision_tokens(pixels (N, 3, S, S), hook) -> (N, P, Dv) and
+-- build_prompt(items) -> ids, images.
+local Model = {}
+Model.__index = Model
+M.Model = Model
+
+-- Token embeddings (B, T) -> (B, T, D); a family may override it.
+function Model:embed(ids)
+  return self.lm:embed(ids)
+end
+
+-- Pixel values (3, S, S) for an image given as a path, a u8 (H, W, C)
+-- image or already preprocessed f32 pixels.
+function Model:preprocess(img)
+  if loom.is_tensor(img) and img:dtype() == "f32" then return img end
+  if self.preprocessor == nil then
+    error(string.format("no preprocessor_config.json was loaded from '%s' to preprocess images", self.dir), 2)
+  end
+  local image = require("loom").image
+  if type(img) == "string" then
+    local decoded, err = image.load(img)
+    if decoded == nil then error(string.format("cannot load image '%s': %s", img, err), 2) end
+    img = decoded
+  end
+  return (image.preprocess(img, self.preprocessor))
+end
+
+-- Latents of each row's images. `images[r]` is nil or a tensor
+-- (M_r, 3, S, S), or (M_r, F, 3, S, S) with F frames per image. Returns
+-- media (B, M*L, Dv) with M the most images of a row (rows with fewer are
+-- padded with zeros, which their masks exclude) and M; nil when no row has
+-- an image.
+function Model:encode_media(images, batch, hook)
+  local flat, counts, times, frames = {}, {}, {}, 1
+  for r = 1, batch do
+    local px = images[r]
+    counts[r] = px and px:size(1) or 0
+    if px then
+      if px:dim() == 4 then px = px:unsqueeze(2) end -- (M, 3, S, S) -> (M, 1, 3, S, S)
+      frames = px:size(2)
+      flat[#flat + 1] = px
+      for i = 1, counts[r] do times[#times + 1] = i end
+    end
+  end
+  if #flat == 0 then return nil, 0 end
+  local pixels = #flat == 1 and flat[1] or loom.cat(flat, 1) -- (N, F, 3, S, S)
+  local n = pixels:size(1)
+
+  -- vision tower on every frame, then the perceiver per image
+  local tokens = self:vision_tokens(pixels:reshape(n * frames, pixels:size(3), pixels:size(4), pixels:size(5)), hook) -- (N*F, P, Dv)
+  tokens = tokens:view(n, frames, tokens:size(2), tokens:size(3)) -- (N*F, P, Dv) -> (N, F, P, Dv)
+  local latents = self.perceiver:forward(tokens, { hook = hook, media_times = times }) -- (N, L, Dv)
+  local l, dv = latents:size(2), latents:size(3)
+
+  -- per row, its images' latents image-major, zero-padded to M images
+  local m = math.max(table.unpack(counts))
+  local rows, at = {}, 1
+  for r = 1, batch do
+    local parts = {}
+    if counts[r] > 0 then parts[1] = latents:narrow(1, at, counts[r]) end
+    if counts[r] < m then parts[#parts + 1] = loom.zeros({ m - counts[r], l, dv }) end
+    rows[r] = (#parts == 1 and parts[1] or loom.cat(parts, 1)):unsqueeze(1) -- (M, L, Dv) -> (1, M, L, Dv)
+    at = at + counts[r]
+  end
+  local media = batch == 1 and rows[1] or loom.cat(rows, 1) -- (B, M, L, Dv)
+  nn.tap(hook, "image_hidden_states", media)
+  return media:reshape(batch, m * l, dv), m -- (B, M, L, Dv) -> (B, M*L, Dv)
+end
+
+-- Project the media once for every block and hand it to the inserted
+-- layers; nil media clears it.
+function Model:set_media(media)
+  if media == nil then
+    self.state.media = nil
+    return
+  end
+  local projected = {}
+  for _, block in pairs(self.blocks) do projected[block] = block:project_media(media) end
+  self.state.media = projected
+end
+
+-- Media masks of a batch: per row the text_time list and the mask matrix
+-- over n_media images. `rows` are id lists, `masks` optional 0/1 lists.
+function Model:media_times(rows, masks, n_media)
+  local times, matrices = {}, {}
+  for r, ids in ipairs(rows) do
+    local t = gated_xattn.text_time(ids, { media_token_id = self.media_token_id,
+      reset_token_id = self.reset_token_id, mask = masks and masks[r] })
+    local ok, matrix = pcall(gated_xattn.media_mask, t, n_media, self.mask_mode)
+    if not ok then error(string.format("row %d: %s", r, matrix), 3) end
+    times[r], matrices[r] = t, matrix
+  end
+  return times, matrices
+end
+
+-- Left-pad rows of ids to one length. Returns ids (B, T) i64, the key mask
+-- (B, T) u8 or nil when nothing is padded, positions (B, T) i64 (real
+-- tokens count from 0, padding gets 1 as Hugging Face's generate does), the
+-- padded id and mask lists, and per row the next position.
+function Model:pad_rows(rows, masks)
+  local longest = 0
+  for _, ids in ipairs(rows) do longest = math.max(longest, #ids) end
+  local id_rows, mask_rows, pos_rows, next_pos, padded = {}, {}, {}, {}, false
+  for r, ids in ipairs(rows) do
+    local pad = longest - #ids
+    local irow, mrow, prow, count = {}, {}, {}, 0
+    for i = 1, longest do
+      local m = i > pad and (masks and masks[r] and masks[r][i - pad] or 1) or 0
+      if m == 0 then padded = true end
+      count = count + m
+      irow[i], mrow[i], prow[i] = i > pad and ids[i - pad] or (self.pad_id or 0), m, m == 1 and count - 1 or 1
+    end
+    id_rows[r], mask_rows[r], pos_rows[r], next_pos[r] = irow, mrow, prow, count
+  end
+  return loom.tensor(id_rows, "i64"), padded and loom.tensor(mask_rows, "u8") or nil,
+    loom.tensor(pos_rows, "i64"), id_rows, mask_rows, next_pos
+end
+
+-- Image pixels per row from a pixel_values tensor (B, M, 3, S, S) or
+-- (B, M, F, 3, S, S), or from Lua lists of images per row.
+local function pixel_rows(self, args, batch)
+  local rows = {}
+  if args.pixel_values then
+    for r = 1, batch do rows[r] = args.pixel_values:select(1, r) end
+  elseif args.images then
+    for r = 1, batch do
+      local list = args.images[r]
+      if list and #list > 0 then
+        local px = {}
+        for i, img in ipairs(list) do px[i] = self:preprocess(img):unsqueeze(1) end -- (3, S, S) -> (1, 3, S, S)
+        rows[r] = #px == 1 and px[1] or loom.cat(px, 1)
+      end
+    end
+  end
+  return rows
+end
+
+local function tensor_rows(t)
+  if t == nil then return nil end
+  if loom.is_tensor(t) then
+    if t:dim() == 1 then t = t:unsqueeze(1) end -- (T) -> (1, T)
+    return t:totable()
+  end
+  if type(t[1]) ~= "table" then return { t } end
+  return t
+end
+M.tensor_rows = tensor_rows
+
+-- Prepare a batch: ids rows, their masks and images -> the padded inputs
+-- and the media state of the inserted blocks. Returns a table with ids,
+-- key_mask, positions, id_rows, next_positions, matrices, n_media.
+function Model:prepare(rows, masks, images, hook, image_attention_mask)
+  local b = #rows
+  local ids, key_mask, positions, id_rows, mask_rows, next_pos = self:pad_rows(rows, masks)
+  local media, n_media = self:encode_media(images, b, hook)
+  local times, matrices = self:media_times(id_rows, mask_rows, n_media)
+  if image_attention_mask then
+    matrices = tensor_rows(image_attention_mask)
+    if #matrices ~= b or #matrices[1] ~= ids:size(2) then
+      error(string.format("image_attention_mask has shape [%s], expected [%d, %d, images]",
+        table.concat(image_attention_mask:shape(), ", "), b, ids:size(2)), 3)
+    end
+  end
+  nn.tap(hook, "text_time", loom.tensor(times, "i64"))
+
+  self.state.hook = hook
+  self:set_media(media)
+  if media then
+    local l = media:size(2) // n_media
+    self.state.mask, self.state.gate = gated_xattn.mask_tensors(matrices, n_media, l)
+    nn.tap(hook, "cross_attention_gate", self.state.gate:view(b, ids:size(2))) -- (B, T, 1) -> (B, T)
+  end
+  return { ids = ids, key_mask = key_mask, positions = positions, id_rows = id_rows, times = times,
+    next_positions = next_pos, matrices = matrices, n_media = n_media, latents = media and media:size(2) // n_media }
+end
+
+-- Run the whole model once, without a cache.
+--   args.input_ids       (B, T) ids (tensor or Lua lists)
+--   args.attention_mask  (B, T) 0/1 (optional)
+--   args.pixel_values    (B, M, 3, S, S) or (B, M, F, 3, S, S) f32, or
+--   args.images          per row a list of images (paths, u8 or f32 tensors)
+--   args.image_attention_mask  (B, T, M) 0/1: which images each token sees,
+--                        instead of the masks computed from the ids
+--   args.hook            debug hook function(name, tensor)
+--   args.logits          "all" (default) or "last"
+-- Returns logits (B, T, V).
+function Model:forward(args)
+  local rows = tensor_rows(args.input_ids)
+  local batch = self:prepare(rows, tensor_rows(args.attention_mask), pixel_rows(self, args, #rows), args.hook,
+    args.image_attention_mask)
+  local logits = self.lm:forward({ inputs_embeds = self:embed(batch.ids), positions = batch.positions,
+    key_mask = batch.key_mask, hook = args.hook, logits = args.logits or "all" })
+  self.state.hook = nil
+  return nn.tap(args.hook, "logits", logits)
+end
+
+-- ---------------------------------------------------------------------------
+-- Generation
+
+-- The media mask of the tokens generated after a prompt: per row, a
+-- (1, M) matrix.
+function Model:decode_matrices(batch)
+  local out = {}
+  for r, matrix in ipairs(batch.matrices) do
+    if self.decode_media == "last_row" then
+      out[r] = { matrix[#matrix] }
+    else
+      local count = 0
+      for _, id in ipairs(batch.id_rows[r]) do
+        if id == self.media_token_id then count = count + 1 end
+      end
+      out[r] = gated_xattn.media_mask({ count }, batch.n_media, self.mask_mode)
+    end
+  end
+  return out
+end
+
+-- Token ids and images of each prompt of args: args[1..n] (one prompt
+-- list), args.prompt (a text with "<image>" markers) with args.images,
+-- args.prompts (a list of prompt lists), or args.input_ids with
+-- args.pixel_values or args.images (per row a list).
+function Model:encode_prompts(args)
+  if args.input_ids then
+    local rows = tensor_rows(args.input_ids)
+    if args.images and not args.pixel_values then
+      for r, ids in ipairs(rows) do
+        local markers, given = 0, #(args.images[r] or {})
+        for _, id in ipairs(ids) do
+          if id == self.media_token_id then markers = markers + 1 end
+        end
+        if given > markers then
+          error(string.format("row %d has %s but %s given: %s", r, plural(markers, "image token"),
+            plural(given, "image") .. (given == 1 and " was" or " were"),
+            plural(given - markers, "image") .. " more than image tokens"), 3)
+        end
+      end
+    end
+    return rows, pixel_rows(self, args, #rows)
+  end
+
+  local prompts = args.prompts
+  if prompts == nil and args.prompt then
+    local ok, list = pcall(M.split_markers, args.prompt, args.images or {})
+    if not ok then error(list, 3) end
+    prompts = { list }
+  end
+  if prompts == nil and #args > 0 then prompts = { args } end
+  if prompts == nil then error("generate needs a prompt list, args.prompt, args.prompts or args.input_ids", 3) end
+  local rows, images = {}, {}
+  for r, list in ipairs(prompts) do
+    local ok, ids, imgs = pcall(function() return self:build_prompt(M.prompt_items(list)) end)
+    if not ok then error(#prompts > 1 and string.format("prompt %d: %s", r, ids) or ids, 3) end
+    rows[r], images[r] = ids, imgs
+  end
+  return rows, pixel_rows(self, { images = images }, #rows)
+end
+
+-- Generate text after interleaved images and text.
+--   model:generate{ img1, "An image of two cats.", img2, "An image of", max_new_tokens = 20 }
+--   args.prompts        a batch: a list of such lists (rows are left-padded)
+--   args.input_ids      token ids instead (with args.pixel_values or args.images)
+--   args.max_new_tokens (default 32), temperature, top_k, top_p, seed, do_sample,
+--   repetition_penalty, stop, stream, eos_token_id, on_logits, hook
+-- Returns { text, tokens, finish_reason, prompt_ids } for one prompt, a list
+-- of those for args.prompts.
+function Model:generate(args)
+  local rows, images = self:encode_prompts(args)
+  local batch = self:prepare(rows, tensor_rows(args.attention_mask), images, args.hook)
+  local b, t = batch.ids:size(1), batch.ids:size(2)
+  if t > self.context then
+    error(string.format("prompt is %d tokens long but the context holds %d: %d too many", t, self.context,
+      t - self.context), 2)
+  end
+  local max_new = args.max_new_tokens or 32
+  local room = math.min(max_new, self.context - t)
+  local cache = self.lm:new_cache(b, t + math.max(room, 0))
+  local lm, state = self.lm, self.state
+  local step_mask, step_gate
+  if state.media then
+    step_mask, step_gate = gated_xattn.mask_tensors(self:decode_matrices(batch), batch.n_media, batch.latents)
+  end
+
+  local session = {
+    batch = b, prompt_ids = rows, room = room,
+    prefill = function()
+      local logits = lm:forward({ inputs_embeds = self:embed(batch.ids), positions = batch.positions,
+        key_mask = batch.key_mask, cache = cache, logits = "last", hook = args.hook })
+      state.hook, state.mask, state.gate = nil, step_mask, step_gate
+      return logits:select(2, 1) -- (B, 1, V) -> (B, V)
+    end,
+    step = function(tokens)
+      local ids, pos = {}, {}
+      for r = 1, b do
+        ids[r], pos[r] = { tokens[r] }, { batch.next_positions[r] }
+        batch.next_positions[r] = batch.next_positions[r] + 1
+      end
+      local logits = lm:forward({ inputs_embeds = self:embed(loom.tensor(ids, "i64")),
+        positions = loom.tensor(pos, "i64"), cache = cache, logits = "last" })
+      return logits:select(2, 1) -- (B, 1, V) -> (B, V)
+    end,
+  }
+  local results = generate.run(session, {
+    max_new_tokens = max_new, temperature = args.temperature, top_k = args.top_k, top_p = args.top_p,
+    do_sample = args.do_sample, seed = args.seed, repetition_penalty = args.repetition_penalty,
+    eos_token_id = args.eos_token_id or self.eos_id, pad_token_id = self.pad_id, stop = args.stop,
+    stream = args.stream, tokenizer = self.tokenizer, on_logits = args.on_logits,
+  })
+  self:set_media(nil)
+  for r, res in ipairs(results) do res.prompt_ids = rows[r] end
+  if args.prompts then return results end
+  return results[1]
+end
+
+-- ---------------------------------------------------------------------------
+-- Assembly helpers for the family files
+
+-- Insert `blocks` ({[layer] = block}) into the language model's layer list
+-- and return the state table they read.
+function M.attach(lm, blocks)
+  local state = {}
+  lm.layers = gated_xattn.insert(lm.layers, blocks, state)
+  return state
+end
+
+return M

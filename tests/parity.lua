@@ -14,6 +14,7 @@ local KINDS = {
   { name = "blip2", module = "parity.blip2" },
   { name = "idefics", module = "parity.idefics" },
   { name = "llava", module = "parity.llava" },
+  { name = "openflamingo", module = "parity.openflamingo" },
   { name = "preprocess", module = "parity.preprocess" },
   { name = "tokenizers", module = "parity.tokenizers" },
 }

@@ -286,7 +286,10 @@ function Model:prepare(rows, masks, images, hook, image_attention_mask)
         table.concat(image_attention_mask:shape(), ", "), b, ids:size(2)), 3)
     end
   end
-  nn.tap(hook, "text_time", loom.tensor(times, "i64"))
+  if hook then
+    nn.tap(hook, "media_locations", ids:eq(self.media_token_id):to("i64"))
+    nn.tap(hook, "text_time", loom.tensor(times, "i64"))
+  end
 
   self.state.hook = hook
   self:set_media(media)

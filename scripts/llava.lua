@@ -1,4 +1,5 @@
--- Describe an image with a LLaVA checkpoint in the Hugging Face layout:
+-- Describe an image with a LLaVA checkpoint (Hugging Face layout, original
+-- LLaVA layout, or a base LLaMA plus mm_projector.bin):
 --   loom scripts/llava.lua --model DIR --image FILE --prompt TEXT [options]
 -- The prompt is put into LLaVA's llava_v1 conversation template unless it
 -- already contains an "<image>" marker, in which case it is used as written.
@@ -8,11 +9,18 @@ local prompt = require("loom.prompt")
 local HELP = [[
 usage: loom scripts/llava.lua --model DIR --image FILE --prompt TEXT [options]
 
-Generate text about an image with a LLaVA checkpoint directory (config.json,
-model.safetensors, preprocessor_config.json, tokenizer.json or
-tokenizer.model).
+Generate text about an image with a LLaVA checkpoint directory: Hugging
+Face's layout (config.json, model.safetensors, preprocessor_config.json,
+tokenizer.json or tokenizer.model), the original LLaVA repository's layout
+(LlavaLlamaForCausalLM, with the CLIP vision tower in its own directory), or
+a base LLaMA directory with --projector.
 
   --model DIR               checkpoint directory
+  --vision-tower DIR        CLIP checkpoint directory of the original layout
+                            (default: the config's mm_vision_tower when it is
+                            a local directory)
+  --projector FILE          projector file (LLaVA's mm_projector.bin) to put
+                            between the vision tower and a base LLaMA
   --image FILE              image file (PNG, JPEG, BMP or GIF)
   --prompt TEXT             question about the image; put into the llava_v1
                             template unless it contains "<image>"
@@ -39,6 +47,10 @@ local NUMBER_OPTIONS = {
   ["--top-p"] = "top_p", ["--seed"] = "seed", ["--repetition-penalty"] = "repetition_penalty",
 }
 local INTEGER_OPTIONS = { max_new_tokens = true, top_k = true, seed = true }
+local VALUE_OPTIONS = {
+  ["--model"] = "model", ["--image"] = "image", ["--prompt"] = "prompt", ["--stop"] = "stop",
+  ["--vision-tower"] = "vision_tower", ["--projector"] = "projector",
+}
 
 local function parse(args)
   local opts = { max_new_tokens = 64, stop = {} }
@@ -51,9 +63,9 @@ local function parse(args)
       os.exit(0)
     elseif a == "--stream" then
       opts.stream, i = true, i + 1
-    elseif a == "--model" or a == "--image" or a == "--prompt" or a == "--stop" then
+    elseif VALUE_OPTIONS[a] then
       if value == nil then fail("option " .. a .. " needs a value") end
-      if a == "--stop" then opts.stop[#opts.stop + 1] = value else opts[a:sub(3)] = value end
+      if a == "--stop" then opts.stop[#opts.stop + 1] = value else opts[VALUE_OPTIONS[a]] = value end
       i = i + 2
     elseif NUMBER_OPTIONS[a] then
       local key = NUMBER_OPTIONS[a]
@@ -75,7 +87,7 @@ local function parse(args)
 end
 
 local opts = parse(arg or {})
-local model = llava.load(opts.model)
+local model = llava.load(opts.model, { vision_tower = opts.vision_tower, projector = opts.projector })
 local text = opts.prompt
 if not text:find(prompt.IMAGE_MARKER, 1, true) then text = prompt.llava_v1(text) end
 

@@ -1,13 +1,15 @@
--- LLaVA (Hugging Face LlavaForConditionalGeneration layout): CLIP vision
--- tower, projector and LLaMA decoder loaded from a checkpoint directory, the
--- merge of image features into the token sequence, and generation from an
--- image and a prompt.
+-- LLaVA: CLIP vision tower, projector and LLaMA decoder loaded from a
+-- Hugging Face LlavaForConditionalGeneration directory or from the original
+-- repository's layouts (see loom.llava_original), the merge of image
+-- features into the token sequence, and generation from an image and a
+-- prompt.
 local loom = require("loom.core")
 local json = require("loom.json")
 local nn = require("loom.nn")
 local clip_vision = require("loom.models.clip_vision")
 local llama = require("loom.models.llama")
 local projector = require("loom.connectors.projector")
+local original = require("loom.llava_original")
 local prompt = require("loom.prompt")
 local generate = require("loom.generate")
 
@@ -102,16 +104,13 @@ end
 local Model = {}
 Model.__index = Model
 
--- Load a LLaVA checkpoint directory: config.json, model.safetensors (single
--- or sharded), preprocessor_config.json and tokenizer files.
--- opts.tokenizer = false and opts.preprocessor = false skip those files
--- (for callers that give token ids and pixel values themselves).
-function M.load(dir, opts)
-  opts = opts or {}
-  local cfg = read_config(path_join(dir, "config.json"), "model config")
+-- Describe the parts of a Hugging Face layout checkpoint (the fields are
+-- those of M.load's `parts`).
+local function hf_parts(dir, cfg)
+  local config_path = path_join(dir, "config.json")
   if cfg.model_type ~= "llava" then
     error(string.format("'%s' has model_type '%s', but loom.llava loads 'llava' checkpoints",
-      path_join(dir, "config.json"), tostring(cfg.model_type)), 2)
+      config_path, tostring(cfg.model_type)), 3)
   end
   for k, v in pairs(M.defaults) do
     if cfg[k] == nil then cfg[k] = v end
@@ -119,11 +118,11 @@ function M.load(dir, opts)
   local vcfg, tcfg = cfg.vision_config or {}, cfg.text_config or {}
   if (vcfg.model_type or "clip_vision_model") ~= "clip_vision_model" then
     error(string.format("%s: vision model_type '%s' is not supported (expected 'clip_vision_model')",
-      path_join(dir, "config.json"), vcfg.model_type), 2)
+      config_path, vcfg.model_type), 3)
   end
   if (tcfg.model_type or "llama") ~= "llama" then
     error(string.format("%s: text model_type '%s' is not supported (expected 'llama')",
-      path_join(dir, "config.json"), tcfg.model_type), 2)
+      config_path, tcfg.model_type), 3)
   end
   if tcfg.tie_word_embeddings == nil then tcfg.tie_word_embeddings = cfg.tie_word_embeddings end
 
@@ -134,14 +133,82 @@ function M.load(dir, opts)
   end
   if layout == nil then
     error(string.format("'%s' holds no LLaVA language model weights (expected '%s' or '%s')",
-      dir, LAYOUTS[1].probe, LAYOUTS[2].probe), 2)
+      dir, LAYOUTS[1].probe, LAYOUTS[2].probe), 3)
   end
+  cfg.layout = "hf"
+  return {
+    config = cfg,
+    weights = weights,
+    vision = { cfg = vcfg, weights = weights, prefix = layout.vision },
+    lm = { cfg = tcfg, weights = weights, prefix = layout.lm, head = layout.head },
+    projector = { weights = weights, prefix = layout.projector, label = dir },
+    preprocessor_dir = dir,
+    tokenizer_dir = dir,
+    added_tokens = {},
+    -- conversions to this layout pad the embeddings (to a multiple of 64 in
+    -- llava-hf's checkpoints), so the tokenizer may have fewer ids
+    vocab_must_match = false,
+  }
+end
 
-  local self = setmetatable({ dir = dir, config = cfg, weights = weights }, Model)
-  self.vision = clip_vision.new(vcfg, weights, layout.vision)
-  self.lm = llama.new(tcfg, weights, layout.lm, layout.head)
+-- Check that the tokenizer's ids fit the embedding table, and in the
+-- original layout that they match it exactly.
+local function check_vocab(tok, parts, lm)
+  local rows, n = lm.cfg.vocab_size, tok:vocab_size()
+  local table_name = parts.lm.prefix .. ".embed_tokens.weight"
+  local where = parts.tokenizer_dir
+  local added = #parts.added_tokens > 0
+    and string.format(" (after adding %s as LLaVA's builder does)", table.concat(parts.added_tokens, ", ")) or ""
+  if n > rows then
+    error(string.format("the tokenizer in '%s' has %d ids%s but the embedding table '%s' has %d rows: ids %d..%d "
+      .. "would have no embedding, so the tokenizer files do not belong to this checkpoint",
+      where, n, added, table_name, rows, rows, n - 1), 3)
+  end
+  if parts.vocab_must_match and n < rows then
+    error(string.format("the tokenizer in '%s' has %d ids%s but the embedding table '%s' has %d rows: LLaVA "
+      .. "resizes the embeddings to the tokenizer's length, so the tokenizer files do not belong to this checkpoint",
+      where, n, added, table_name, rows), 3)
+  end
+end
+
+-- Load a LLaVA model. `dir` is one of:
+--   * a Hugging Face LlavaForConditionalGeneration directory: config.json,
+--     model.safetensors (single or sharded), preprocessor_config.json and
+--     tokenizer files;
+--   * an original LLaVA repository directory (LlavaLlamaForCausalLM):
+--     config.json with the mm_* keys, weights (safetensors, pytorch_model.bin
+--     or its sharded index) and tokenizer files. The CLIP vision tower and
+--     its preprocessor_config.json come from opts.vision_tower, or from the
+--     config's mm_vision_tower when that is a local directory;
+--   * a base LLaMA directory (LlamaForCausalLM) with opts.projector.
+-- opts.projector = FILE takes the projector from a stand-alone file
+-- (LLaVA's mm_projector.bin); the LLaVA settings then come from the
+-- config.json beside that file when it has them.
+-- opts.vision_tower = DIR gives the CLIP checkpoint directory.
+-- opts.tokenizer = false and opts.preprocessor = false skip those files
+-- (for callers that give token ids and pixel values themselves).
+-- The model's `config` has the fields of Hugging Face's LlavaConfig whatever
+-- the layout, and config.layout is "hf", "original" or "base+projector".
+function M.load(dir, opts)
+  opts = opts or {}
+  local cfg = read_config(path_join(dir, "config.json"), "model config")
+  local parts
+  if original.detect(cfg, opts) then
+    if cfg.text_config ~= nil then
+      error(string.format("'%s' is a Hugging Face LLaVA checkpoint: projector = FILE applies to the original "
+        .. "LLaVA layout or a base LLaMA checkpoint", dir), 2)
+    end
+    parts = original.parts(dir, cfg, opts)
+  else
+    parts = hf_parts(dir, cfg)
+  end
+  cfg = parts.config
+
+  local self = setmetatable({ dir = dir, config = cfg, weights = parts.weights }, Model)
+  self.vision = clip_vision.new(parts.vision.cfg, parts.vision.weights, parts.vision.prefix)
+  self.lm = llama.new(parts.lm.cfg, parts.lm.weights, parts.lm.prefix, parts.lm.head)
   self.projector = projector.new({
-    weights = weights, prefix = layout.projector, act = cfg.projector_hidden_act,
+    weights = parts.projector.weights, prefix = parts.projector.prefix, act = cfg.projector_hidden_act,
     kind = cfg.mm_projector_type,
     in_features = self.vision.cfg.hidden_size * (type(cfg.vision_feature_layer) == "table" and #cfg.vision_feature_layer or 1),
     out_features = self.lm.cfg.hidden_size,
@@ -151,16 +218,24 @@ function M.load(dir, opts)
   self.context = self.lm.cfg.max_position_embeddings
   self.bos_id = self.lm.cfg.bos_token_id
   self.eos_id = self.lm.cfg.eos_token_id
-  self.pad_id = cfg.pad_token_id or tcfg.pad_token_id
+  self.pad_id = cfg.pad_token_id or self.lm.cfg.pad_token_id
 
   if opts.preprocessor ~= false then
-    self.preprocessor = read_config(path_join(dir, "preprocessor_config.json"), "image preprocessor config")
+    self.preprocessor = read_config(path_join(parts.preprocessor_dir, "preprocessor_config.json"),
+      "image preprocessor config")
+    -- image_aspect_ratio "pad": expand2square with the mean colour (LLaVA's process_images)
     if cfg.image_aspect_ratio == "pad" then self.preprocessor.pad_to_square = true end
   end
   if opts.tokenizer ~= false then
-    local tok, err, settings = load_tokenizer(dir)
+    local tok, err, settings = load_tokenizer(parts.tokenizer_dir)
     if tok == nil then error(err, 2) end
+    for _, text in ipairs(parts.added_tokens) do tok:add_token(text, true) end
+    check_vocab(tok, parts, self.lm)
     self.tokenizer, self.tokenizer_settings = tok, settings
+    if cfg.mm_use_im_start_end then
+      self.im_start_id = tok:token_to_id(original.IM_START_TOKEN)
+      self.im_end_id = tok:token_to_id(original.IM_END_TOKEN)
+    end
   end
   return self
 end
@@ -365,6 +440,26 @@ local function as_list(v)
   return { v }
 end
 
+-- Put start and end ids around each image token, as the original LLaVA
+-- code does with mm_use_im_start_end ("<im_start><image><im_end>" in the
+-- prompt).
+-- NOTE: LLaVA tokenizes "<im_start>" and "<im_end>" inside the text chunks.
+-- Inserting their ids gives the same ids only if the text next to them
+-- tokenizes alike with or without them; no reference output checks that.
+local function wrap_image_tokens(ids, image_id, start_id, end_id)
+  local out = {}
+  for _, id in ipairs(ids) do
+    if id == image_id then
+      out[#out + 1] = start_id
+      out[#out + 1] = id
+      out[#out + 1] = end_id
+    else
+      out[#out + 1] = id
+    end
+  end
+  return out
+end
+
 -- Token ids of each prompt and the images in the order their markers come.
 function Model:encode_prompts(args)
   local texts, per_prompt_images
@@ -394,7 +489,7 @@ function Model:encode_prompts(args)
       legacy = self.tokenizer_settings and self.tokenizer_settings.legacy,
     })
     if not ok then error(#texts > 1 and string.format("prompt %d: %s", i, ids) or ids, 3) end
-    rows[i] = ids
+    rows[i] = self.im_start_id and wrap_image_tokens(ids, self.image_token_id, self.im_start_id, self.im_end_id) or ids
     for _, img in ipairs(per_prompt_images[i]) do images[#images + 1] = img end
   end
   return rows, images

@@ -1,6 +1,8 @@
 -- Tests of the LLaVA pipeline on the shipped tiny checkpoint
--- (examples/models/tiny-llava): prompt errors, loading errors, batching
--- with left padding, seeded sampling, stop strings and streaming.
+-- (examples/models/tiny-llava): prompt errors, loading errors, the original
+-- LLaVA layouts built from it (and tests/data/llava/mm_projector.bin),
+-- tokenizer and image errors, batching with left padding, seeded sampling,
+-- stop strings and streaming.
 package.path = arg[0]:gsub("[^/]*$", "") .. "?.lua;" .. package.path
 local shared = require("check")
 local loom = require("loom")
@@ -200,6 +202,410 @@ run("tied output head", function()
   fh:close()
   checkerror("untied head must exist", "missing tensor 'language_model.lm_head.weight'", llava.load, dir,
     { tokenizer = false, preprocessor = false })
+  os.execute("rm -rf '" .. dir .. "'")
+end)
+
+-- ---------------------------------------------------------------------------
+-- Original LLaVA layouts, built from the tiny Hugging Face checkpoint
+
+local PROJECTOR_BIN = root .. "tests/data/llava/mm_projector.bin"
+local PROJECTOR_NUMPY = root .. "tests/data/llava/mm_projector_numpy.bin"
+
+-- Hugging Face prefix -> original-layout prefix of every tensor group.
+local ORIGINAL_NAMES = {
+  { "language_model.model.", "model." },
+  { "language_model.lm_head.", "lm_head." },
+  { "multi_modal_projector.linear_1.", "model.mm_projector.0." },
+  { "multi_modal_projector.linear_2.", "model.mm_projector.2." },
+}
+
+local function write_json(path, value)
+  local fh = assert(io.open(path, "w"))
+  fh:write(json.encode(value))
+  fh:close()
+end
+
+-- The tensors of `weights` whose names start with a prefix of `map`
+-- ({from, to} pairs), renamed.
+local function renamed(weights, map)
+  local out = {}
+  for name, t in pairs(weights) do
+    for _, pair in ipairs(map) do
+      if name:sub(1, #pair[1]) == pair[1] then out[pair[2] .. name:sub(#pair[1] + 1)] = t end
+    end
+  end
+  return out
+end
+
+local function copy_files(names, dst)
+  for _, name in ipairs(names) do copy_file(MODEL_DIR .. "/" .. name, dst .. "/" .. name) end
+end
+
+local TOKENIZER_FILES = { "tokenizer.model", "added_tokens.json", "tokenizer_config.json" }
+
+local hf_config = json.read(MODEL_DIR .. "/config.json")
+local hf_weights = loom.load(MODEL_DIR .. "/model.safetensors")
+
+-- A CLIP checkpoint directory with the tiny vision tower: a CLIPVisionModel
+-- (kind "vision") or the vision half of a CLIPModel (kind "clip").
+local function make_tower(kind, with_weights)
+  local dir = temp_dir()
+  local vcfg = {}
+  for k, v in pairs(hf_config.vision_config) do vcfg[k] = v end
+  if kind == "clip" then
+    write_json(dir .. "/config.json", { model_type = "clip", vision_config = vcfg, projection_dim = 64 })
+  else
+    write_json(dir .. "/config.json", vcfg)
+  end
+  if with_weights ~= false then
+    loom.save(dir .. "/model.safetensors", renamed(hf_weights, { { "vision_tower.vision_model.", "vision_model." } }))
+  end
+  copy_files({ "preprocessor_config.json" }, dir)
+  return dir
+end
+
+-- The LLaVA keys of an original config.json, with `extra` on top of
+-- LLaVA-1.5's values.
+local function original_config(tower, extra)
+  local cfg = {}
+  for k, v in pairs(hf_config.text_config) do cfg[k] = v end
+  cfg.architectures = { "LlavaLlamaForCausalLM" }
+  cfg.model_type = "llava"
+  cfg.mm_vision_tower = tower
+  cfg.mm_hidden_size = 64
+  cfg.mm_projector_type = "mlp2x_gelu"
+  cfg.mm_vision_select_layer = -2
+  cfg.mm_vision_select_feature = "patch"
+  cfg.mm_use_im_start_end = false
+  cfg.mm_use_im_patch_token = false
+  cfg.image_aspect_ratio = "pad"
+  for k, v in pairs(extra or {}) do cfg[k] = v end
+  return cfg
+end
+
+-- An original LlavaLlamaForCausalLM directory; `extra_weights` adds tensors.
+local function make_original(tower, extra, extra_weights)
+  local dir = temp_dir()
+  write_json(dir .. "/config.json", original_config(tower, extra))
+  local weights = renamed(hf_weights, ORIGINAL_NAMES)
+  for name, t in pairs(extra_weights or {}) do weights[name] = t end
+  loom.save(dir .. "/model.safetensors", weights)
+  copy_files(TOKENIZER_FILES, dir)
+  return dir
+end
+
+-- The same input for both layouts: ids with the Hugging Face image token
+-- (1000) or LLaVA's IMAGE_TOKEN_INDEX (-200), and one image's pixels.
+local HF_IDS = { 1, 319, 1000, 13, 724, 338, 445, 973 }
+local function original_ids(ids)
+  local out = {}
+  for i, id in ipairs(ids) do out[i] = id == 1000 and -200 or id end
+  return out
+end
+local pixels = loom.randn({ 1, 3, 112, 112 }, { seed = 11 })
+local hf_model = llava.load(MODEL_DIR)
+local hf_logits = hf_model:forward({ input_ids = { HF_IDS }, pixel_values = pixels })
+
+run("original layout logits", function()
+  local tower = make_tower("vision")
+  local dir = make_original(tower)
+  local model = llava.load(dir)
+  check("original layout name", model.config.layout == "original", tostring(model.config.layout))
+  check("original image token id", model.image_token_id == -200, tostring(model.image_token_id))
+  local logits = model:forward({ input_ids = { original_ids(HF_IDS) }, pixel_values = pixels })
+  local diff = loom.max_abs_diff(logits, hf_logits)
+  check("original logits equal Hugging Face", diff <= 1e-6, string.format("max abs diff %g", diff))
+
+  -- vision_tower = DIR replaces an mm_vision_tower that is not local
+  local remote = make_original(nil, { mm_vision_tower = "openai/clip-vit-large-patch14-336" })
+  checkerror("remote vision tower", "vision tower 'openai/clip-vit-large-patch14-336' (mm_vision_tower in "
+    .. remote .. "/config.json) is not a local directory: download that CLIP checkpoint and pass vision_tower = DIR",
+    llava.load, remote)
+  local given = llava.load(remote, { vision_tower = tower })
+  diff = loom.max_abs_diff(given:forward({ input_ids = { original_ids(HF_IDS) }, pixel_values = pixels }), hf_logits)
+  check("vision_tower option", diff <= 1e-6, string.format("max abs diff %g", diff))
+  checkerror("vision_tower not a directory", "vision tower '" .. dir .. "/config.json' is not a directory",
+    llava.load, remote, { vision_tower = dir .. "/config.json" })
+  os.execute("rm -rf '" .. tower .. "' '" .. dir .. "' '" .. remote .. "'")
+end)
+
+run("original layout generation", function()
+  local tower = make_tower("vision")
+  local dir = make_original(tower)
+  local model = llava.load(dir)
+
+  -- LLaVA's tokenizer_image_token: -200 in place of the marker, one BOS
+  local r = model:generate({ image = IMAGE, question = "What is shown?", max_new_tokens = 6 })
+  local images = 0
+  for _, id in ipairs(r.prompt_ids) do
+    if id == -200 then images = images + 1 end
+  end
+  check("one image token -200", images == 1 and r.prompt_ids[1] == 1, list_text(r.prompt_ids))
+
+  -- the same ids and pixels through the Hugging Face layout give the same tokens
+  local hf_ids = {}
+  for i, id in ipairs(r.prompt_ids) do hf_ids[i] = id == -200 and 1000 or id end
+  local px = model:preprocess({ IMAGE })
+  local expected = hf_model:generate({ input_ids = hf_ids, image = px[1], max_new_tokens = 6 })
+  check("original generation equals Hugging Face", same_list(r.tokens, expected.tokens),
+    list_text(r.tokens) .. " vs " .. list_text(expected.tokens))
+  os.execute("rm -rf '" .. tower .. "' '" .. dir .. "'")
+end)
+
+run("pad to square preprocessing", function()
+  local tower = make_tower("vision")
+  local dir = make_original(tower)
+  local model = llava.load(dir)
+  local wide = loom.image.load(IMAGE):narrow(1, 1, 200):contiguous() -- (300, 451, 3) -> (200, 451, 3)
+  local tall = loom.image.load(IMAGE):narrow(2, 1, 150):contiguous() -- (300, 451, 3) -> (300, 150, 3)
+
+  -- expand2square by hand: a square of int(mean * 255) with the image
+  -- centred, offset (side - short) // 2 (LLaVA's mm_utils.expand2square)
+  local mean = json.read(tower .. "/preprocessor_config.json").image_mean
+  local function expand2square(img)
+    local h, w = img:size(1), img:size(2)
+    local side = math.max(h, w)
+    local square = loom.zeros({ side, side, 3 }, "u8")
+    for c = 1, 3 do square:select(3, c):fill(math.floor(mean[c] * 255)) end
+    square:narrow(1, (side - h) // 2 + 1, h):narrow(2, (side - w) // 2 + 1, w):copy(img)
+    return square
+  end
+  for name, img in pairs({ wide = wide, tall = tall }) do
+    local padded = model:preprocess({ img })
+    local expected = hf_model:preprocess({ expand2square(img) })
+    check("pad " .. name .. " equals expand2square", loom.equal(padded, expected),
+      string.format("max abs diff %g", loom.max_abs_diff(padded, expected)))
+    check("pad " .. name .. " differs from no padding", not loom.equal(padded, hf_model:preprocess({ img })))
+  end
+
+  -- image_aspect_ratio "square" (and none) keeps the plain preprocessing
+  local square_dir = make_original(tower, { image_aspect_ratio = "square" })
+  local plain = llava.load(square_dir):preprocess({ wide })
+  check("square aspect ratio does not pad", loom.equal(plain, hf_model:preprocess({ wide })))
+  os.execute("rm -rf '" .. tower .. "' '" .. dir .. "' '" .. square_dir .. "'")
+end)
+
+run("base LLaMA with mm_projector.bin", function()
+  local tower = make_tower("clip")
+  local base = temp_dir()
+  local cfg = {}
+  for k, v in pairs(hf_config.text_config) do cfg[k] = v end
+  cfg.architectures = { "LlamaForCausalLM" }
+  write_json(base .. "/config.json", cfg)
+  loom.save(base .. "/model.safetensors", renamed(hf_weights, { ORIGINAL_NAMES[1], ORIGINAL_NAMES[2] }))
+  copy_files(TOKENIZER_FILES, base)
+
+  -- the committed file holds the tiny projector rounded to bf16
+  local file = loom.load(PROJECTOR_BIN)
+  local pairs_checked = 0
+  for _, pair in ipairs({ { "linear_1", "0" }, { "linear_2", "2" } }) do
+    for _, part in ipairs({ "weight", "bias" }) do
+      local got = file["model.mm_projector." .. pair[2] .. "." .. part]
+      local want = hf_weights["multi_modal_projector." .. pair[1] .. "." .. part]
+      check("projector file " .. pair[2] .. "." .. part .. " is bf16", got:dtype() == "bf16", got:dtype())
+      check("projector file " .. pair[2] .. "." .. part .. " rounds the tiny one", loom.equal(got, want:to("bf16")))
+      pairs_checked = pairs_checked + 1
+    end
+  end
+  check("projector file tensors", pairs_checked == 4)
+
+  -- the Hugging Face model with that projector gives the same logits
+  local hf_dir = temp_dir()
+  local swapped = {}
+  for name, t in pairs(hf_weights) do swapped[name] = t end
+  for name, t in pairs(renamed(file, { { "model.mm_projector.0.", "multi_modal_projector.linear_1." },
+    { "model.mm_projector.2.", "multi_modal_projector.linear_2." } })) do
+    swapped[name] = t
+  end
+  loom.save(hf_dir .. "/model.safetensors", swapped)
+  copy_files({ "config.json", "preprocessor_config.json" }, hf_dir)
+  copy_files(TOKENIZER_FILES, hf_dir)
+  local expected = llava.load(hf_dir):forward({ input_ids = { HF_IDS }, pixel_values = pixels })
+
+  local model = llava.load(base, { projector = PROJECTOR_BIN, vision_tower = tower })
+  check("base+projector layout name", model.config.layout == "base+projector", tostring(model.config.layout))
+  check("projector kind read from the tensors", model.projector.kind == "mlp2x_gelu", model.projector.kind)
+  local logits = model:forward({ input_ids = { original_ids(HF_IDS) }, pixel_values = pixels })
+  local diff = loom.max_abs_diff(logits, expected)
+  check("base+projector logits equal Hugging Face", diff <= 1e-6, string.format("max abs diff %g", diff))
+
+  -- scripts/llava.lua passes --projector and --vision-tower to load
+  local script = string.format("'%s' '%sscripts/llava.lua' --model '%s' --projector '%s' --vision-tower '%s' "
+    .. "--image '%s' --prompt Hi --max-new-tokens 4 2>&1", arg[-1], root, base, PROJECTOR_BIN, tower, IMAGE)
+  local pipe = assert(io.popen(script, "r"))
+  local printed = pipe:read("a")
+  local ok = pipe:close()
+  local by_api = model:generate({ image = IMAGE, question = "Hi", max_new_tokens = 4 })
+  check("script with --projector", ok and #by_api.text > 0 and printed == by_api.text .. "\n",
+    string.format("%q vs %q", printed, by_api.text))
+
+  -- a config.json beside the projector file gives the LLaVA settings
+  local beside = temp_dir()
+  copy_file(PROJECTOR_BIN, beside .. "/mm_projector.bin")
+  write_json(beside .. "/config.json", { mm_projector_type = "linear", mm_vision_select_layer = -2 })
+  checkerror("projector config beside the file", "projector kind 'linear' does not match the checkpoint",
+    llava.load, base, { projector = beside .. "/mm_projector.bin", vision_tower = tower })
+
+  -- embeddings saved beside the projector replace the base model's
+  local with_embeddings = {}
+  for name, t in pairs(file) do with_embeddings[name] = t end
+  local scaled = hf_weights["language_model.model.embed_tokens.weight"] * 2
+  with_embeddings["model.embed_tokens.weight"] = scaled
+  local alone = temp_dir()
+  loom.save(alone .. "/with_embeddings.safetensors", with_embeddings)
+  local replaced = llava.load(base, { projector = alone .. "/with_embeddings.safetensors", vision_tower = tower,
+    tokenizer = false })
+  check("projector file embeddings used", loom.equal(replaced.lm.embed_tokens.weight, scaled))
+  os.execute("rm -rf '" .. alone .. "'")
+
+  -- errors
+  checkerror("foreign pickle global", "global 'numpy.core.multiarray._reconstruct' is not allowed",
+    llava.load, base, { projector = PROJECTOR_NUMPY, vision_tower = tower })
+  checkerror("projector file without a projector", "projector file '" .. tower .. "/model.safetensors' holds no "
+    .. "projector weights (expected model.mm_projector.0.weight or model.mm_projector.weight; found vision_model.",
+    llava.load, base, { projector = tower .. "/model.safetensors", vision_tower = tower })
+  checkerror("base without projector", "'" .. base .. "' is a LLaMA checkpoint without a projector: pass "
+    .. "projector = FILE", llava.load, base, { vision_tower = tower })
+  checkerror("base without vision tower", "LLaVA-1.5's pretraining settings names no vision tower (mm_vision_tower)",
+    llava.load, base, { projector = PROJECTOR_BIN })
+  checkerror("projector on the Hugging Face layout", "is a Hugging Face LLaVA checkpoint: projector = FILE applies",
+    llava.load, MODEL_DIR, { projector = PROJECTOR_BIN })
+  os.execute("rm -rf '" .. tower .. "' '" .. base .. "' '" .. hf_dir .. "' '" .. beside .. "'")
+end)
+
+run("original layout variants", function()
+  local tower = make_tower("vision")
+
+  -- a vision tower trained with the model is saved inside the checkpoint;
+  -- the tower directory then gives only its config and preprocessor
+  local bare = make_tower("vision", false)
+  local embedded = make_original(bare, { unfreeze_mm_vision_tower = true }, renamed(hf_weights,
+    { { "vision_tower.vision_model.", "model.vision_tower.vision_tower.vision_model." } }))
+  local diff = loom.max_abs_diff(llava.load(embedded):forward({ input_ids = { original_ids(HF_IDS) },
+    pixel_values = pixels }), hf_logits)
+  check("embedded vision tower", diff <= 1e-6, string.format("max abs diff %g", diff))
+  local missing_tower = make_original(bare, { unfreeze_mm_vision_tower = true })
+  checkerror("unfrozen tower without weights", "sets unfreeze_mm_vision_tower, but '" .. missing_tower
+    .. "' has no vision tower weights", llava.load, missing_tower)
+  os.execute("rm -rf '" .. missing_tower .. "'")
+
+  -- a sharded PyTorch index (pytorch_model.bin.index.json); the reader finds
+  -- each shard's format by content, so safetensors shards stand in here
+  local sharded = temp_dir()
+  write_json(sharded .. "/config.json", original_config(tower))
+  copy_files(TOKENIZER_FILES, sharded)
+  local weights = renamed(hf_weights, ORIGINAL_NAMES)
+  local shards, weight_map, i = { {}, {} }, {}, 0
+  for name, t in pairs(weights) do
+    i = i + 1
+    local shard = i % 2 + 1
+    shards[shard][name] = t
+    weight_map[name] = string.format("pytorch_model-%05d-of-00002.bin", shard)
+  end
+  for s = 1, 2 do loom.save(string.format("%s/pytorch_model-%05d-of-00002.bin", sharded, s), shards[s]) end
+  write_json(sharded .. "/pytorch_model.bin.index.json", { metadata = {}, weight_map = weight_map })
+  diff = loom.max_abs_diff(llava.load(sharded):forward({ input_ids = { original_ids(HF_IDS) },
+    pixel_values = pixels }), hf_logits)
+  check("sharded PyTorch index", diff <= 1e-6, string.format("max abs diff %g", diff))
+  weight_map["model.extra.weight"] = "pytorch_model-00001-of-00002.bin"
+  write_json(sharded .. "/pytorch_model.bin.index.json", { metadata = {}, weight_map = weight_map })
+  checkerror("index names a missing tensor", "lists tensor 'model.extra.weight' in 'pytorch_model-00001-of-00002.bin', "
+    .. "but that file does not contain it", llava.load, sharded)
+
+  -- mm_use_im_start_end: "<im_start>" and "<im_end>" around each image token,
+  -- with embedding rows for the two added tokens
+  local grown = {}
+  for _, name in ipairs({ "model.embed_tokens.weight", "lm_head.weight" }) do
+    grown[name] = loom.cat({ weights[name], loom.randn({ 2, 64 }, { seed = 5, std = 0.02 }) }, 1)
+  end
+  local start_end = make_original(tower, { mm_use_im_start_end = true, vocab_size = 1004 }, grown)
+  local model = llava.load(start_end)
+  check("im_start id", model.im_start_id == 1002 and model.im_end_id == 1003,
+    tostring(model.im_start_id) .. " " .. tostring(model.im_end_id))
+  local r = model:generate({ image = IMAGE, question = "Hi", max_new_tokens = 1 })
+  local at
+  for k, id in ipairs(r.prompt_ids) do
+    if id == -200 then at = k end
+  end
+  check("image token wrapped", at and r.prompt_ids[at - 1] == 1002 and r.prompt_ids[at + 1] == 1003,
+    list_text(r.prompt_ids))
+
+  -- configuration errors
+  local function rejects(name, extra, expected)
+    local d = make_original(tower, extra)
+    checkerror(name, expected, llava.load, d)
+    os.execute("rm -rf '" .. d .. "'")
+  end
+  rejects("mm_hidden_size mismatch", { mm_hidden_size = 1024 },
+    "gives mm_hidden_size 1024, but the vision tower '" .. tower .. "' has hidden_size 64")
+  rejects("anyres", { image_aspect_ratio = "anyres" }, "image_aspect_ratio 'anyres' (LLaVA-NeXT) is not supported")
+  rejects("select feature", { mm_vision_select_feature = "cls" }, "mm_vision_select_feature 'cls' is not supported")
+  rejects("projector type mismatch", { mm_projector_type = "linear" }, "projector kind 'linear' does not match")
+  local no_layer = make_original(tower)
+  local cfg = json.read(no_layer .. "/config.json")
+  cfg.mm_vision_select_layer = nil
+  write_json(no_layer .. "/config.json", cfg)
+  checkerror("select layer required", "has no mm_vision_select_layer (LLaVA's CLIPVisionTower requires it)",
+    llava.load, no_layer)
+  os.execute("rm -rf '" .. tower .. "' '" .. bare .. "' '" .. embedded .. "' '" .. sharded .. "' '" .. start_end
+    .. "' '" .. no_layer .. "'")
+end)
+
+run("tokenizer files", function()
+  local tower = make_tower("vision")
+  local dir = make_original(tower)
+
+  -- missing
+  local no_tok = make_original(tower)
+  for _, name in ipairs(TOKENIZER_FILES) do os.remove(no_tok .. "/" .. name) end
+  checkerror("original without tokenizer", "no tokenizer in '" .. no_tok .. "': expected tokenizer.json or tokenizer.model",
+    llava.load, no_tok)
+  check("tokenizer = false skips it", (pcall(llava.load, no_tok, { tokenizer = false })))
+
+  -- fewer ids than embedding rows: added_tokens.json left out
+  local small = make_original(tower)
+  os.remove(small .. "/added_tokens.json")
+  checkerror("tokenizer smaller than the embeddings", "the tokenizer in '" .. small .. "' has 1000 ids but the "
+    .. "embedding table 'model.embed_tokens.weight' has 1002 rows: LLaVA resizes the embeddings to the tokenizer's "
+    .. "length, so the tokenizer files do not belong to this checkpoint", llava.load, small)
+
+  -- mm_use_im_patch_token (true when the config omits it) adds "<im_patch>"
+  local patch = make_original(tower, { mm_use_im_patch_token = true })
+  checkerror("im_patch token beyond the embeddings", "has 1003 ids (after adding <im_patch> as LLaVA's builder does) "
+    .. "but the embedding table 'model.embed_tokens.weight' has 1002 rows: ids 1002..1002 would have no embedding",
+    llava.load, patch)
+
+  -- more ids than embedding rows in the Hugging Face layout
+  local hf_dir = temp_dir()
+  copy_files({ "config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.model",
+    "tokenizer_config.json" }, hf_dir)
+  write_json(hf_dir .. "/added_tokens.json", { ["<image>"] = 1000, ["<pad>"] = 1001, ["<extra>"] = 1002 })
+  checkerror("Hugging Face tokenizer larger than the embeddings", "the tokenizer in '" .. hf_dir .. "' has 1003 ids "
+    .. "but the embedding table 'language_model.model.embed_tokens.weight' has 1002 rows: ids 1002..1002 would have "
+    .. "no embedding", llava.load, hf_dir)
+  os.execute("rm -rf '" .. tower .. "' '" .. dir .. "' '" .. no_tok .. "' '" .. small .. "' '" .. patch .. "' '"
+    .. hf_dir .. "'")
+end)
+
+run("corrupt images", function()
+  local dir = temp_dir()
+  local garbage = dir .. "/garbage.png"
+  local fh = assert(io.open(garbage, "wb"))
+  fh:write("not an image at all")
+  fh:close()
+  local truncated = dir .. "/truncated.png"
+  fh = assert(io.open(IMAGE, "rb"))
+  local head = fh:read(300)
+  fh:close()
+  fh = assert(io.open(truncated, "wb"))
+  fh:write(head)
+  fh:close()
+  checkerror("unknown image format", "cannot decode image '" .. garbage .. "': unknown format",
+    hf_model.generate, hf_model, { image = garbage, question = "Hi", max_new_tokens = 1 })
+  checkerror("truncated PNG", "decoding PNG image '" .. truncated .. "' failed",
+    hf_model.generate, hf_model, { image = truncated, question = "Hi", max_new_tokens = 1 })
+  checkerror("missing image", dir .. "/none.png: No such file or directory",
+    hf_model.generate, hf_model, { image = dir .. "/none.png", question = "Hi", max_new_tokens = 1 })
   os.execute("rm -rf '" .. dir .. "'")
 end)
 

@@ -3,6 +3,7 @@
 --   loom scripts/blip2.lua --model DIR --image FILE [--question TEXT] [--beams N]
 -- Several --image options form one batch; the question applies to each.
 local blip2 = require("loom.blip2")
+local log = require("loom.log")
 
 local HELP = [[
 usage: loom scripts/blip2.lua --model DIR --image FILE [--question TEXT] [--beams N] [options]
@@ -22,6 +23,7 @@ directory has no tokenizer.
   --min-new-tokens N        tokens generated before an end token may end the text (default 0)
   --length-penalty X        beam score = sum of log probabilities / length^X (default 1)
   --no-newline-stop         do not end the text at a new line (LAVIS ends it there)
+  --quiet                   do not log the model's configuration to stderr
   -h, --help                show this help
 ]]
 
@@ -46,6 +48,8 @@ local function parse(args)
       os.exit(0)
     elseif a == "--no-newline-stop" then
       opts.stop_at_newline, i = false, i + 1
+    elseif a == "--quiet" then
+      opts.quiet, i = true, i + 1
     elseif a == "--model" or a == "--image" or a == "--question" or a == "--prompt" then
       if value == nil then fail("option " .. a .. " needs a value") end
       if a == "--image" then opts.images[#opts.images + 1] = value else opts[a:sub(3)] = value end
@@ -71,6 +75,7 @@ local function parse(args)
 end
 
 local opts = parse(arg or {})
+if opts.quiet then log.set_level("warning") end
 local ok, err = pcall(function()
   local model = blip2.load(opts.model)
   local results = model:generate({

@@ -14,6 +14,8 @@ local qformer = require("loom.connectors.qformer")
 local opt = require("loom.models.opt")
 local generate = require("loom.generate")
 local beam = require("loom.beam")
+local tokenizers = require("loom.tokenizers")
+local log = require("loom.log")
 
 local M = {}
 
@@ -125,27 +127,95 @@ local function path_join(dir, name)
   return (dir:gsub("/+$", "")) .. "/" .. name
 end
 
-local function file_exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() return true end
-  return false
-end
+-- ---------------------------------------------------------------------------
+-- Checkpoint layout
 
--- The tokenizer of a checkpoint directory (tokenizer.json, or GPT-2 style
--- vocab.json + merges.txt), or nil and a message when there is none.
-local function load_tokenizer(dir)
-  local tk = loom.tokenizer
-  if tk == nil then return nil, "this build of loom has no tokenizer binding (loom.tokenizer)" end
-  local tok, err
-  if file_exists(path_join(dir, "tokenizer.json")) then
-    tok, err = tk.load(path_join(dir, "tokenizer.json"))
-  elseif file_exists(path_join(dir, "vocab.json")) and file_exists(path_join(dir, "merges.txt")) then
-    tok, err = tk.load_bpe_files(path_join(dir, "vocab.json"), path_join(dir, "merges.txt"))
-  else
-    return nil, string.format("no tokenizer in '%s': expected tokenizer.json or vocab.json and merges.txt", dir)
+-- The tensors of a Blip2ForConditionalGeneration checkpoint for config
+-- `cfg` (config.json's contents; omitted keys take transformers' defaults),
+-- as a list of { name, shape, kind } in the Hugging Face layout. kind is
+-- "weight" (matrices, embeddings, query tokens), "bias", "norm" (a layer
+-- norm's weight) or "qkv_bias" (the vision tower's fused bias, whose key
+-- third real checkpoints keep at zero). The output head tied to the token
+-- embeddings is left out, as save_pretrained leaves it out, unless
+-- opts.tied_head is true. Scripts that write random checkpoints use it.
+function M.checkpoint_layout(cfg, opts)
+  opts = opts or {}
+  local out = {}
+  local function add(name, shape, kind) out[#out + 1] = { name = name, shape = shape, kind = kind or "weight" } end
+  local function linear(prefix, n_out, n_in, bias)
+    add(prefix .. ".weight", { n_out, n_in })
+    if bias ~= false then add(prefix .. ".bias", { n_out }, "bias") end
   end
-  if tok == nil then error(err, 3) end
-  return tok
+  local function layer_norm(prefix, d)
+    add(prefix .. ".weight", { d }, "norm")
+    add(prefix .. ".bias", { d }, "bias")
+  end
+
+  -- vision tower
+  local v = blip2_vision.config(cfg.vision_config)
+  local d, p = v.hidden_size, v.patch_size
+  local grid = v.image_size // p
+  local emb = NAMES.vision .. ".embeddings"
+  add(emb .. ".class_embedding", { 1, 1, d })
+  add(emb .. ".patch_embedding.weight", { d, 3, p, p })
+  add(emb .. ".patch_embedding.bias", { d }, "bias")
+  add(emb .. ".position_embedding", { 1, grid * grid + 1, d })
+  for i = 0, v.num_hidden_layers - 1 do
+    local l = string.format("%s.encoder.layers.%d", NAMES.vision, i)
+    add(l .. ".self_attn.qkv.weight", { 3 * d, d })
+    if v.qkv_bias then add(l .. ".self_attn.qkv.bias", { 3 * d }, "qkv_bias") end
+    linear(l .. ".self_attn.projection", d, d)
+    layer_norm(l .. ".layer_norm1", d)
+    linear(l .. ".mlp.fc1", v.intermediate_size, d)
+    linear(l .. ".mlp.fc2", d, v.intermediate_size)
+    layer_norm(l .. ".layer_norm2", d)
+  end
+  layer_norm(NAMES.vision .. ".post_layernorm", d)
+
+  -- Q-Former: cross-attention in layers 0, f, 2f, ...
+  local q = qformer.config(cfg.qformer_config)
+  local h = q.hidden_size
+  add(NAMES.query_tokens, { 1, cfg.num_query_tokens or M.defaults.num_query_tokens, h })
+  layer_norm(NAMES.qformer .. ".layernorm", h)
+  for i = 0, q.num_hidden_layers - 1 do
+    local l = string.format("%s.encoder.layer.%d", NAMES.qformer, i)
+    local attentions = { { "attention", h } }
+    if i % q.cross_attention_frequency == 0 then attentions[2] = { "crossattention", q.encoder_hidden_size } end
+    for _, a in ipairs(attentions) do
+      linear(l .. "." .. a[1] .. ".attention.query", h, h)
+      linear(l .. "." .. a[1] .. ".attention.key", h, a[2])
+      linear(l .. "." .. a[1] .. ".attention.value", h, a[2])
+      linear(l .. "." .. a[1] .. ".output.dense", h, h)
+      layer_norm(l .. "." .. a[1] .. ".output.LayerNorm", h)
+    end
+    linear(l .. ".intermediate_query.dense", q.intermediate_size, h)
+    linear(l .. ".output_query.dense", h, q.intermediate_size)
+    layer_norm(l .. ".output_query.LayerNorm", h)
+  end
+
+  -- language projection and OPT decoder (pre-LN; BLIP-2 needs
+  -- word_embed_proj_dim equal to hidden_size, so no project_in/out)
+  local t = opt.config(cfg.text_config)
+  local w = t.hidden_size
+  linear(NAMES.projection, w, h)
+  local function opt_norm(prefix)
+    if t.layer_norm_elementwise_affine then layer_norm(prefix, w) end
+  end
+  add(NAMES.lm .. ".embed_tokens.weight", { t.vocab_size, w })
+  add(NAMES.lm .. ".embed_positions.weight", { t.max_position_embeddings + opt.POSITION_OFFSET, w })
+  for i = 0, t.num_hidden_layers - 1 do
+    local l = string.format("%s.layers.%d", NAMES.lm, i)
+    for _, proj in ipairs({ "k_proj", "v_proj", "q_proj", "out_proj" }) do
+      linear(l .. ".self_attn." .. proj, w, w, t.enable_bias)
+    end
+    opt_norm(l .. ".self_attn_layer_norm")
+    linear(l .. ".fc1", t.ffn_dim, w, t.enable_bias)
+    linear(l .. ".fc2", w, t.ffn_dim, t.enable_bias)
+    opt_norm(l .. ".final_layer_norm")
+  end
+  if t.do_layer_norm_before and not t._remove_final_layer_norm then opt_norm(NAMES.lm .. ".final_layer_norm") end
+  if opts.tied_head or not t.tie_word_embeddings then add(NAMES.head, { t.vocab_size, w }) end
+  return out
 end
 
 -- ---------------------------------------------------------------------------
@@ -242,8 +312,44 @@ function M.load(dir, opts)
     model.preprocessor = pre
   end
   -- without a tokenizer the model still captions, returning ids but no text
-  if opts.tokenizer ~= false then model.tokenizer = load_tokenizer(dir) end
+  if opts.tokenizer ~= false then
+    local tok, settings, code = tokenizers.load(dir)
+    if tok then
+      model.tokenizer, model.tokenizer_settings = tok, settings
+    elseif code ~= "ENOENT" then
+      error(settings, 2)
+    end
+  end
+  log.model(string.format("loaded BLIP-2 from '%s'%s", dir, lavis and " (LAVIS names)" or ""),
+    model:summary_fields(), { { "vision", model.vision }, { "qformer", model.qformer },
+      { "language_projection", model.language_projection }, { "lm", model.lm } })
   return model
+end
+
+-- The configuration as a list of { name, value } pairs, as M.load logs it.
+function Model:summary_fields()
+  local v, q = self.vision.cfg, self.qformer.cfg
+  local fields = {
+    { "vision.image_size", v.image_size }, { "vision.patch_size", v.patch_size },
+    { "vision.tokens", v.num_patches + 1 }, { "vision.hidden_size", v.hidden_size },
+    { "vision.num_hidden_layers", v.num_hidden_layers }, { "vision.num_attention_heads", v.num_attention_heads },
+    { "vision.intermediate_size", v.intermediate_size },
+    { "qformer.num_query_tokens", self.qformer.num_query_tokens }, { "qformer.hidden_size", q.hidden_size },
+    { "qformer.num_hidden_layers", q.num_hidden_layers }, { "qformer.num_attention_heads", q.num_attention_heads },
+    { "qformer.intermediate_size", q.intermediate_size },
+    { "qformer.cross_attention_frequency", q.cross_attention_frequency },
+  }
+  if self.lm then
+    local t = self.lm.cfg
+    for _, f in ipairs({
+      { "lm.model_type", "opt" }, { "lm.hidden_size", t.hidden_size }, { "lm.num_hidden_layers", t.num_hidden_layers },
+      { "lm.num_attention_heads", t.num_attention_heads }, { "lm.ffn_dim", t.ffn_dim },
+      { "lm.vocab_size", t.vocab_size }, { "lm.max_position_embeddings", t.max_position_embeddings },
+    }) do fields[#fields + 1] = f end
+  end
+  local tok = self.tokenizer
+  fields[#fields + 1] = { "tokenizer", tok and string.format("%s, %d ids", tok:kind(), tok:vocab_size()) or "none" }
+  return fields
 end
 
 -- ---------------------------------------------------------------------------

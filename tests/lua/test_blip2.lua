@@ -678,4 +678,36 @@ run("beam search against a reference", function()
   end
 end)
 
+-- The layout writers of random checkpoints use must be the one Hugging Face
+-- saves: the reference checkpoint's names and shapes, tied head included.
+run("checkpoint layout", function()
+  local layout = blip2.checkpoint_layout(deep_copy(CONFIG), { tied_head = true })
+  local listed = {}
+  for _, entry in ipairs(layout) do
+    listed[entry.name] = true
+    local t = WEIGHTS[entry.name]
+    check.check(t ~= nil, "layout tensor " .. entry.name .. " is in the reference checkpoint")
+    if t then check.equal(t:shape(), entry.shape, "shape of " .. entry.name) end
+  end
+  for name in pairs(WEIGHTS) do check.check(listed[name], "reference tensor " .. name .. " is in the layout") end
+
+  -- save_pretrained leaves out the tied head
+  local untied = blip2.checkpoint_layout(deep_copy(CONFIG))
+  check.equal(#untied, #layout - 1, "tied head left out")
+  for _, entry in ipairs(untied) do check.check(entry.name ~= blip2.NAMES.head, "no " .. entry.name) end
+  local kinds = {}
+  for _, entry in ipairs(layout) do kinds[entry.name] = entry.kind end
+  check.equal(kinds["vision_model.encoder.layers.0.self_attn.qkv.bias"], "qkv_bias", "kind of the fused bias")
+  check.equal(kinds["qformer.layernorm.weight"], "norm", "kind of a layer norm weight")
+  check.equal(kinds["language_projection.bias"], "bias", "kind of a bias")
+  check.equal(kinds["query_tokens"], "weight", "kind of the query tokens")
+
+  -- a built model from random weights of that layout runs
+  local weights = {}
+  for i, entry in ipairs(untied) do weights[entry.name] = loom.randn(entry.shape, { seed = i, std = 0.02 }) end
+  local model = build(nil, weights)
+  local logits = model:forward({ pixel_values = INPUTS.pixel_values, input_ids = INPUTS.input_ids })
+  check.equal(logits:shape(), { 1, 15, 260 }, "logits of a model from the layout")
+end)
+
 check.summary()

@@ -390,7 +390,7 @@ end
 --   args.max_new_tokens (default 32), temperature, top_k, top_p, seed, do_sample,
 --   repetition_penalty, stop, stream, eos_token_id, on_logits, hook
 -- Returns { text, tokens, finish_reason, prompt_ids } for one prompt, a list
--- of those for args.prompts.
+-- of those for args.prompts or several rows of input_ids.
 function Model:generate(args)
   local rows, images = self:encode_prompts(args)
   local batch = self:prepare(rows, tensor_rows(args.attention_mask), images, args.hook)
@@ -435,7 +435,7 @@ function Model:generate(args)
   })
   self:set_media(nil)
   for r, res in ipairs(results) do res.prompt_ids = rows[r] end
-  if args.prompts then return results end
+  if args.prompts or #rows > 1 then return results end
   return results[1]
 end
 

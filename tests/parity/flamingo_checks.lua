@@ -53,33 +53,44 @@ function M.forward(model, args, outputs, report, checked)
   for _, name in ipairs(missing) do report:skip(name, "not an intermediate the model produces") end
 end
 
--- Greedy generation against generate.sequences and the logits of every
--- step; then the whole generated sequence again without a cache.
+-- Greedy generation against generate.sequences (every row; a row that
+-- ends early is filled with the pad id, as Hugging Face's generate does)
+-- and, for one row, the logits of every step; then the whole generated
+-- sequence again without a cache.
 function M.generate(model, args, outputs, values, report)
   local expected = outputs["generate.sequences"]
   if expected == nil then return end
-  local prompt_ids = args.input_ids:totable()[1]
-  local expected_ids = expected:totable()[1]
-  local max_new = values and values.generate and values.generate.max_new_tokens or (#expected_ids - #prompt_ids)
+  local prompt_rows = args.input_ids:totable()
+  local expected_rows = expected:totable()
+  local max_new = values and values.generate and values.generate.max_new_tokens
+    or (#expected_rows[1] - #prompt_rows[1])
 
   local steps = {}
-  local result = model:generate({ input_ids = { prompt_ids }, pixel_values = args.pixel_values,
-    max_new_tokens = max_new, on_logits = function(_, logits) steps[#steps + 1] = logits:narrow(1, 1, 1):clone() end })
+  local results = model:generate({ input_ids = prompt_rows, attention_mask = args.attention_mask,
+    pixel_values = args.pixel_values, max_new_tokens = max_new,
+    on_logits = function(_, logits) steps[#steps + 1] = logits:clone() end })
+  if #prompt_rows == 1 then results = { results } end
 
-  local sequence = {}
-  for _, id in ipairs(prompt_ids) do sequence[#sequence + 1] = id end
-  for _, id in ipairs(result.tokens) do sequence[#sequence + 1] = id end
-  local ok, why = common.compare_lists(sequence, expected_ids)
-  report:exact("generate.sequences", ok, ok and string.format("%d new tokens identical", #result.tokens) or why)
+  for r, result in ipairs(results) do
+    local sequence = {}
+    for _, id in ipairs(prompt_rows[r]) do sequence[#sequence + 1] = id end
+    for _, id in ipairs(result.tokens) do sequence[#sequence + 1] = id end
+    while #sequence < #expected_rows[r] and result.finish_reason ~= "length" do sequence[#sequence + 1] = model.pad_id end
+    local ok, why = common.compare_lists(sequence, expected_rows[r])
+    local name = #results > 1 and string.format("generate.sequences[%d]", r) or "generate.sequences"
+    report:exact(name, ok, ok and string.format("%d new tokens identical", #result.tokens) or why)
+  end
 
-  local step_logits = #steps > 0 and loom.cat(steps, 1) or nil
-  for _, name in ipairs({ "generate.step_logits", "generate.step_scores" }) do
-    if outputs[name] and step_logits then report:tensor(name, step_logits, outputs[name], M.TOLERANCE) end
+  if #prompt_rows == 1 and #steps > 0 then
+    local step_logits = loom.cat(steps, 1) -- (steps, V)
+    for _, name in ipairs({ "generate.step_logits", "generate.step_scores" }) do
+      if outputs[name] then report:tensor(name, step_logits, outputs[name], M.TOLERANCE) end
+    end
   end
 
   local full = outputs["generate.full_sequence_logits_nocache"]
-  if full then
-    local logits = model:forward({ input_ids = { expected_ids }, pixel_values = args.pixel_values })
+  if full and #prompt_rows == 1 then
+    local logits = model:forward({ input_ids = expected_rows, pixel_values = args.pixel_values })
     report:tensor("generate.full_sequence_logits_nocache", logits, full, M.TOLERANCE)
   end
 end

@@ -306,6 +306,58 @@ run("gated block without media runs only the feed-forward", function()
 end)
 
 -- ---------------------------------------------------------------------------
+-- Perceiver time embeddings and the MPT options
+
+-- A random one-block OpenFlamingo-layout perceiver: width 8, 3 latents,
+-- 2 heads of 4, with media-time embeddings when `with_time` is set.
+local function random_perceiver(with_time)
+  local perceiver = require("loom.connectors.perceiver")
+  local w, n = {}, 0
+  local function randn(shape, std, mean)
+    n = n + 1
+    return loom.randn(shape, { seed = 500 + n, std = std, mean = mean or 0 })
+  end
+  w["p.latents"] = randn({ 3, 8 }, 1)
+  for _, name in ipairs({ "p.layers.0.0.norm_media", "p.layers.0.0.norm_latents", "p.layers.0.1.0", "p.norm" }) do
+    w[name .. ".weight"], w[name .. ".bias"] = randn({ 8 }, 0.1, 1), randn({ 8 }, 0.1)
+  end
+  w["p.layers.0.0.to_q.weight"] = randn({ 8, 8 }, 0.5)
+  w["p.layers.0.0.to_kv.weight"] = randn({ 16, 8 }, 0.5)
+  w["p.layers.0.0.to_out.weight"] = randn({ 8, 8 }, 0.5)
+  w["p.layers.0.1.1.weight"] = randn({ 32, 8 }, 0.5)
+  w["p.layers.0.1.3.weight"] = randn({ 8, 32 }, 0.5)
+  if with_time then w["p.media_time_embs"] = randn({ 2, 1, 8 }, 1) end
+  return perceiver.new({ weights = w, prefix = "p", layout = "openflamingo", heads = 2, head_dim = 4 }), w
+end
+
+run("perceiver media-time embeddings", function()
+  local timed, w = random_perceiver(true)
+  local plain = random_perceiver(false)
+  check.equal(timed.cfg.depth, 1, "depth read from the weights")
+  check.equal(timed.cfg.num_latents, 3, "latents read from the weights")
+  local x = loom.randn({ 2, 5, 8 }, { seed = 12 })
+  local out = timed:forward(x, { media_times = { 1, 2 } })
+  -- image i of its sequence gets media_time_embs[i] added to every token
+  local shifted = x + loom.cat({ w["p.media_time_embs"]:select(1, 1), w["p.media_time_embs"]:select(1, 2) }, 1):unsqueeze(2)
+  check.check(loom.max_abs_diff(out, plain:forward(shifted)) < 1e-6, "time embeddings are added per image")
+  check.checkerror(function() timed:forward(x, { media_times = { 1, 3 } }) end,
+    "image 2 is media 3 of its sequence but the perceiver has time embeddings for 2")
+end)
+
+run("MPT clip_qkv", function()
+  local model = openflamingo.load(OF_DIR, { tokenizer = false, preprocessor = false })
+  local ids = { { 5, 6, 7, 8 } }
+  local base = model.lm:forward({ input_ids = loom.tensor(ids, "i64") })
+  model.lm.cfg.clip_qkv = 1e9
+  local wide = model.lm:forward({ input_ids = loom.tensor(ids, "i64") })
+  model.lm.cfg.clip_qkv = 0.01
+  local clipped = model.lm:forward({ input_ids = loom.tensor(ids, "i64") })
+  model.lm.cfg.clip_qkv = nil
+  check.check(loom.equal(base, wide), "a bound above every value changes nothing")
+  check.check(loom.max_abs_diff(base, clipped) > 1e-3, "a tight bound changes the logits")
+end)
+
+-- ---------------------------------------------------------------------------
 -- Whole models
 
 run("text before the first image ignores the images", function()

@@ -319,6 +319,7 @@ function Model:forward(args)
   local logits = self.lm:forward({ inputs_embeds = self:embed(batch.ids), positions = batch.positions,
     key_mask = batch.key_mask, hook = args.hook, logits = args.logits or "all" })
   self.state.hook = nil
+  self:set_media(nil)
   return nn.tap(args.hook, "logits", logits)
 end
 
@@ -394,13 +395,33 @@ end
 function Model:generate(args)
   local rows, images = self:encode_prompts(args)
   local batch = self:prepare(rows, tensor_rows(args.attention_mask), images, args.hook)
-  local b, t = batch.ids:size(1), batch.ids:size(2)
+  local t = batch.ids:size(2)
   if t > self.context then
     error(string.format("prompt is %d tokens long but the context holds %d: %d too many", t, self.context,
       t - self.context), 2)
   end
   local max_new = args.max_new_tokens or 32
-  local room = math.min(max_new, self.context - t)
+  local session = self:decode_session(batch, rows, math.min(max_new, self.context - t), args.hook)
+
+  local ok, results = pcall(generate.run, session, {
+    max_new_tokens = max_new, temperature = args.temperature, top_k = args.top_k, top_p = args.top_p,
+    do_sample = args.do_sample, seed = args.seed, repetition_penalty = args.repetition_penalty,
+    eos_token_id = args.eos_token_id or self.eos_id, pad_token_id = self.pad_id, stop = args.stop,
+    stream = args.stream, tokenizer = self.tokenizer, on_logits = args.on_logits,
+  })
+  self:set_media(nil)
+  if not ok then error(results, 0) end
+  for r, res in ipairs(results) do res.prompt_ids = rows[r] end
+  if args.prompts or #rows > 1 then return results end
+  return results[1]
+end
+
+-- The prefill/step session of generate.run for a prepared batch, with a KV
+-- cache for the prompt and `room` new tokens. After the prompt, the media
+-- mask switches to the one of generated tokens (decode_matrices); the
+-- projected media stay cached in the state.
+function Model:decode_session(batch, rows, room, hook)
+  local b, t = batch.ids:size(1), batch.ids:size(2)
   local cache = self.lm:new_cache(b, t + math.max(room, 0))
   local lm, state = self.lm, self.state
   local step_mask, step_gate
@@ -408,11 +429,11 @@ function Model:generate(args)
     step_mask, step_gate = gated_xattn.mask_tensors(self:decode_matrices(batch), batch.n_media, batch.latents)
   end
 
-  local session = {
+  return {
     batch = b, prompt_ids = rows, room = room,
     prefill = function()
       local logits = lm:forward({ inputs_embeds = self:embed(batch.ids), positions = batch.positions,
-        key_mask = batch.key_mask, cache = cache, logits = "last", hook = args.hook })
+        key_mask = batch.key_mask, cache = cache, logits = "last", hook = hook })
       state.hook, state.mask, state.gate = nil, step_mask, step_gate
       return logits:select(2, 1) -- (B, 1, V) -> (B, V)
     end,
@@ -427,16 +448,6 @@ function Model:generate(args)
       return logits:select(2, 1) -- (B, 1, V) -> (B, V)
     end,
   }
-  local results = generate.run(session, {
-    max_new_tokens = max_new, temperature = args.temperature, top_k = args.top_k, top_p = args.top_p,
-    do_sample = args.do_sample, seed = args.seed, repetition_penalty = args.repetition_penalty,
-    eos_token_id = args.eos_token_id or self.eos_id, pad_token_id = self.pad_id, stop = args.stop,
-    stream = args.stream, tokenizer = self.tokenizer, on_logits = args.on_logits,
-  })
-  self:set_media(nil)
-  for r, res in ipairs(results) do res.prompt_ids = rows[r] end
-  if args.prompts or #rows > 1 then return results end
-  return results[1]
 end
 
 -- ---------------------------------------------------------------------------

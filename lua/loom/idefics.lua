@@ -130,6 +130,29 @@ end
 -- ---------------------------------------------------------------------------
 -- Loading
 
+-- The LLaMA decoder with IDEFICS' decoupled embedding and output head: ids
+-- from vocab_size on use model.embed_tokens.additional_embedding and
+-- lm_head.additional_fc (or, tied, the additional embedding).
+function Model:build_decoder(cfg, weights)
+  -- rope_theta: IdeficsEmbedding's fixed base in transformers 4.44
+  self.lm = llama.new({
+    vocab_size = cfg.vocab_size, hidden_size = cfg.hidden_size, intermediate_size = cfg.intermediate_size,
+    num_hidden_layers = cfg.num_hidden_layers, num_attention_heads = cfg.num_attention_heads,
+    hidden_act = cfg.hidden_act, rms_norm_eps = cfg.rms_norm_eps, tie_word_embeddings = cfg.tie_word_embeddings,
+    rope_theta = 10000.0, bos_token_id = cfg.bos_token_id, eos_token_id = cfg.eos_token_id,
+  }, weights, "model", "lm_head.weight")
+  if cfg.additional_vocab_size > 0 then
+    self.additional_embedding = nn.check_shape(nn.param(weights, "model.embed_tokens.additional_embedding.weight"),
+      { cfg.additional_vocab_size, cfg.hidden_size }, "model.embed_tokens.additional_embedding.weight")
+    local extra_head = weights["lm_head.additional_fc.weight"]
+    if extra_head == nil then
+      extra_head = cfg.tie_word_embeddings and self.additional_embedding
+        or nn.param(weights, "lm_head.additional_fc.weight")
+    end
+    self.lm.lm_head = decoupled_head(self.lm.lm_head.weight, extra_head)
+  end
+end
+
 -- Load an IDEFICS checkpoint directory: config.json, model.safetensors,
 -- preprocessor_config.json and (optional) tokenizer.json.
 -- opts.preprocessor = false skips the image processor config;
@@ -162,23 +185,7 @@ function M.load(dir, opts)
     self.perceiver = passthrough
   end
 
-  -- the decoder, its decoupled embedding and head
-  self.lm = llama.new({
-    vocab_size = cfg.vocab_size, hidden_size = cfg.hidden_size, intermediate_size = cfg.intermediate_size,
-    num_hidden_layers = cfg.num_hidden_layers, num_attention_heads = cfg.num_attention_heads,
-    hidden_act = cfg.hidden_act, rms_norm_eps = cfg.rms_norm_eps, tie_word_embeddings = cfg.tie_word_embeddings,
-    rope_theta = 10000.0, bos_token_id = cfg.bos_token_id, eos_token_id = cfg.eos_token_id,
-  }, weights, "model", "lm_head.weight")
-  if cfg.additional_vocab_size > 0 then
-    self.additional_embedding = nn.check_shape(nn.param(weights, "model.embed_tokens.additional_embedding.weight"),
-      { cfg.additional_vocab_size, cfg.hidden_size }, "model.embed_tokens.additional_embedding.weight")
-    local extra_head = weights["lm_head.additional_fc.weight"]
-    if extra_head == nil then
-      extra_head = cfg.tie_word_embeddings and self.additional_embedding
-        or nn.param(weights, "lm_head.additional_fc.weight")
-    end
-    self.lm.lm_head = decoupled_head(self.lm.lm_head.weight, extra_head)
-  end
+  self:build_decoder(cfg, weights)
 
   -- a gated block before every cross_layer_interval-th layer
   local blocks, interval = {}, cfg.cross_layer_interval

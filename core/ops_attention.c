@@ -59,10 +59,26 @@ __attribute__((target("avx512f"))) static float exp_sub_sum_avx512(float *s, int
     return _mm512_reduce_add_ps(sum);
 }
 
+/* max(s[0 .. n)), -inf when n is 0; four accumulators hide vmaxps latency. */
+__attribute__((target("avx512f"))) static float max_avx512(const float *s, int64_t n) {
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0, m2 = m0, m3 = m0;
+    int64_t j = 0;
+    for (; j + 64 <= n; j += 64) {
+        m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + j));
+        m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + j + 16));
+        m2 = _mm512_max_ps(m2, _mm512_loadu_ps(s + j + 32));
+        m3 = _mm512_max_ps(m3, _mm512_loadu_ps(s + j + 48));
+    }
+    for (; j + 16 <= n; j += 16) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + j));
+    if (j < n) {
+        __mmask16 m = (__mmask16)((1u << (n - j)) - 1);
+        m1 = _mm512_mask_max_ps(m1, m, m1, _mm512_maskz_loadu_ps(m, s + j));
+    }
+    return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+}
+
 static bool cpu_has_avx512f(void) {
-    static int cached = -1;
-    if (cached < 0) cached = __builtin_cpu_supports("avx512f");
-    return cached;
+    return __builtin_cpu_supports("avx512f");
 }
 
 static float exp_sub_sum(float *s, int64_t n, float max) {
@@ -139,6 +155,7 @@ static void softmax_row(float *s, const attn_params *ap, int64_t b, int64_t h, i
                 if (((const uint8_t *)row)[j * m->stride[3]] == 0) s[j] = -INFINITY;
         } else if (m->dtype == LOOM_F32 && m->stride[3] == 1) {
             const float *mf = (const float *)row;
+#pragma omp simd
             for (int64_t j = 0; j <= limit; j++) s[j] += mf[j];
         } else {
             for (int64_t j = 0; j <= limit; j++) s[j] += loom_load_f32(row + j * step, m->dtype);
@@ -146,13 +163,18 @@ static void softmax_row(float *s, const attn_params *ap, int64_t b, int64_t h, i
     }
 
     float max = -INFINITY;
-    for (int64_t j = 0; j <= limit; j++) max = s[j] > max ? s[j] : max;
+    if (cpu_has_avx512f()) {
+        max = max_avx512(s, limit + 1);
+    } else {
+        for (int64_t j = 0; j <= limit; j++) max = s[j] > max ? s[j] : max;
+    }
     if (max == -INFINITY) {
         memset(s, 0, (size_t)nk * sizeof(float));
         return;
     }
     float sum = limit >= 0 ? exp_sub_sum(s, limit + 1, max) : 0.0f;
     float inv = 1.0f / sum;
+#pragma omp simd
     for (int64_t j = 0; j <= limit; j++) s[j] *= inv;
     for (int64_t j = limit + 1; j < nk; j++) s[j] = 0.0f;
 }
@@ -192,6 +214,101 @@ static void attend_gemm(float *out, const attn_params *ap, const attn_operand *q
     }
 }
 
+/* s[j] = scale * dot(q, k_j) for nk key rows ldk floats apart, all with
+ * unit inner stride, four keys at a time. */
+__attribute__((target("avx512f"))) static void scores_avx512(float *s, const float *q,
+                                                             const float *k, int64_t ldk,
+                                                             int64_t nk, int64_t d, float scale) {
+    __mmask16 tail = (__mmask16)((1u << (d % 16)) - 1);
+    int64_t dfull = d - d % 16;
+    int64_t j = 0;
+    for (; j + 4 <= nk; j += 4) {
+        const float *k0 = k + j * ldk;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t c = 0; c < dfull; c += 16) {
+            __m512 qv = _mm512_loadu_ps(q + c);
+            a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + c), a0);
+            a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + ldk + c), a1);
+            a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + 2 * ldk + c), a2);
+            a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + 3 * ldk + c), a3);
+        }
+        if (tail) {
+            __m512 qv = _mm512_maskz_loadu_ps(tail, q + dfull);
+            a0 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(tail, k0 + dfull), a0);
+            a1 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(tail, k0 + ldk + dfull), a1);
+            a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(tail, k0 + 2 * ldk + dfull), a2);
+            a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(tail, k0 + 3 * ldk + dfull), a3);
+        }
+        s[j] = _mm512_reduce_add_ps(a0) * scale;
+        s[j + 1] = _mm512_reduce_add_ps(a1) * scale;
+        s[j + 2] = _mm512_reduce_add_ps(a2) * scale;
+        s[j + 3] = _mm512_reduce_add_ps(a3) * scale;
+    }
+    for (; j < nk; j++) {
+        const float *kj = k + j * ldk;
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t c = 0; c < dfull; c += 16)
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(kj + c), a);
+        if (tail)
+            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q + dfull),
+                                _mm512_maskz_loadu_ps(tail, kj + dfull), a);
+        s[j] = _mm512_reduce_add_ps(a) * scale;
+    }
+}
+
+/* o[0 .. dv) = sum over j of p[j] * v_j for nk value rows ldv floats apart
+ * with unit inner stride, 64 output columns at a time in registers. */
+__attribute__((target("avx512f"))) static void weighted_sum_avx512(float *o, const float *p,
+                                                                   const float *v, int64_t ldv,
+                                                                   int64_t nk, int64_t dv) {
+    for (int64_t c0 = 0; c0 < dv; c0 += 64) {
+        __mmask16 m[4];
+        for (int i = 0; i < 4; i++) {
+            int64_t left = dv - c0 - 16 * i;
+            m[i] = 0;
+            if (left >= 16)
+                m[i] = 0xFFFF;
+            else if (left > 0)
+                m[i] = (__mmask16)((1u << left) - 1);
+        }
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < nk; j++) {
+            if (p[j] == 0.0f) continue;
+            __m512 pj = _mm512_set1_ps(p[j]);
+            const float *vj = v + j * ldv + c0;
+            a0 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m[0], vj), a0);
+            a1 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m[1], vj + 16), a1);
+            a2 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m[2], vj + 32), a2);
+            a3 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m[3], vj + 48), a3);
+        }
+        _mm512_mask_storeu_ps(o + c0, m[0], a0);
+        _mm512_mask_storeu_ps(o + c0 + 16, m[1], a1);
+        _mm512_mask_storeu_ps(o + c0 + 32, m[2], a2);
+        _mm512_mask_storeu_ps(o + c0 + 48, m[3], a3);
+    }
+}
+
+/* The portable versions of the two kernels above, for any strides. */
+static void scores_strided(float *s, const float *q, int64_t qs, const float *k, int64_t ldk,
+                           int64_t ks, int64_t nk, int64_t d, float scale) {
+    for (int64_t j = 0; j < nk; j++) {
+        const float *kj = k + j * ldk;
+        float dot = 0;
+        for (int64_t c = 0; c < d; c++) dot += q[c * qs] * kj[c * ks];
+        s[j] = dot * scale;
+    }
+}
+
+static void weighted_sum_strided(float *o, const float *p, const float *v, int64_t ldv,
+                                 int64_t vs, int64_t nk, int64_t dv) {
+    memset(o, 0, (size_t)dv * sizeof(float));
+    for (int64_t j = 0; j < nk; j++) {
+        if (p[j] == 0.0f) continue;
+        const float *vj = v + j * ldv;
+        for (int64_t c = 0; c < dv; c++) o[c] += p[j] * vj[c * vs];
+    }
+}
+
 /* With loops, for few queries (decoding): dot products, softmax, then a
  * weighted sum of value rows. `scores` has room for K floats. */
 static void attend_loops(float *out, const attn_params *ap, const attn_operand *q,
@@ -199,34 +316,21 @@ static void attend_loops(float *out, const attn_params *ap, const attn_operand *
                          float *scores) {
     int64_t kvh = h / (ap->hq / ap->hkv);
     const float *qp = operand_at(q, b, h), *kp = operand_at(k, b, kvh), *vp = operand_at(v, b, kvh);
+    bool vector = cpu_has_avx512f();
     for (int64_t i = 0; i < ap->nq; i++) {
         const float *qi = qp + i * q->s[2];
-        for (int64_t j = 0; j < ap->nk; j++) {
-            const float *kj = kp + j * k->s[2];
-            float dot = 0;
-            if (q->s[3] == 1 && k->s[3] == 1) {
-#pragma omp simd reduction(+ : dot)
-                for (int64_t c = 0; c < ap->d; c++) dot += qi[c] * kj[c];
-            } else {
-                for (int64_t c = 0; c < ap->d; c++) dot += qi[c * q->s[3]] * kj[c * k->s[3]];
-            }
-            scores[j] = dot * ap->scale;
-        }
+        if (vector && q->s[3] == 1 && k->s[3] == 1)
+            scores_avx512(scores, qi, kp, k->s[2], ap->nk, ap->d, ap->scale);
+        else
+            scores_strided(scores, qi, q->s[3], kp, k->s[2], k->s[3], ap->nk, ap->d, ap->scale);
+
         softmax_row(scores, ap, b, h, i);
 
         float *o = out + i * ap->dv;
-        memset(o, 0, (size_t)ap->dv * sizeof(float));
-        for (int64_t j = 0; j < ap->nk; j++) {
-            float pj = scores[j];
-            if (pj == 0.0f) continue;
-            const float *vj = vp + j * v->s[2];
-            if (v->s[3] == 1) {
-#pragma omp simd
-                for (int64_t c = 0; c < ap->dv; c++) o[c] += pj * vj[c];
-            } else {
-                for (int64_t c = 0; c < ap->dv; c++) o[c] += pj * vj[c * v->s[3]];
-            }
-        }
+        if (vector && v->s[3] == 1)
+            weighted_sum_avx512(o, scores, vp, v->s[2], ap->nk, ap->dv);
+        else
+            weighted_sum_strided(o, scores, vp, v->s[2], v->s[3], ap->nk, ap->dv);
     }
 }
 

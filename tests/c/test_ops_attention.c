@@ -164,6 +164,18 @@ static void test_attention_basic_and_gqa(void) {
     loom_tensor_free(&kt);
     loom_tensor_free(&q1);
 
+    /* one query with head sizes past one 64-wide block and not multiples of
+     * 16, and a key count not a multiple of 4 */
+    int64_t qw[4] = {1, 4, 1, 70}, kw[4] = {1, 2, 37, 70}, vw[4] = {1, 2, 37, 80};
+    q = random_tensor(LOOM_F32, 4, qw);
+    k = random_tensor(LOOM_F32, 4, kw);
+    v = random_tensor(LOOM_F32, 4, vw);
+    check_attention(&q, &k, &v, NULL, "one query, wide heads");
+    check_attention(&q, &k, &v, &causal, "one query, wide heads, causal");
+    loom_tensor_free(&q);
+    loom_tensor_free(&k);
+    loom_tensor_free(&v);
+
     /* more queries than one 256-row block, causal */
     int64_t q3[4] = {1, 2, 300, 8}, k3[4] = {1, 1, 300, 8};
     q = random_tensor(LOOM_F32, 4, q3);

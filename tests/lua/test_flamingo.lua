@@ -465,6 +465,17 @@ run("more images than markers", function()
     "prompt item 1 is a number (expected a string, an image tensor or {image = path})")
 end)
 
+run("open_clip tensors outside the mapping", function()
+  local openclip_vision = require("loom.models.openclip_vision")
+  local weights = {}
+  for k, v in pairs(loom.load(OF_DIR .. "/model.safetensors")) do weights[k] = v end
+  local cfg = json.read(OF_DIR .. "/config.json").vision_encoder.open_clip_model_config
+  check.check((pcall(openclip_vision.new, cfg, weights, "vision_encoder")), "the case's tower loads")
+  weights["vision_encoder.transformer.resblocks.0.ls_1.gamma"] = loom.ones({ 48 })
+  check.checkerror(function() openclip_vision.new(cfg, weights, "vision_encoder") end,
+    "unsupported open_clip vision tensor 'vision_encoder.transformer.resblocks.0.ls_1.gamma'")
+end)
+
 local function run_script(args)
   local cmd = string.format("'%s' '%sscripts/flamingo.lua' %s 2>&1", arg[-1], root, args)
   local p = io.popen(cmd)

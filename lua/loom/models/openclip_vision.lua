@@ -36,6 +36,34 @@ local BLOCK_NAMES = {
   ["mlp.c_proj.bias"] = "mlp.fc2.bias",
 }
 
+-- Tensors of the tower that do not change the image tokens: the projection
+-- of the pooled class token.
+local UNUSED = { ["proj"] = true }
+
+-- Raise for a tensor under `prefix` that this mapping does not cover, such
+-- as LayerScale gammas (ls_init_value) or input patch norms, because
+-- ignoring it would change the tokens silently.
+local function check_unknown(weights, prefix, layers)
+  local head = prefix .. "."
+  for name in pairs(weights) do
+    if type(name) == "string" and name:sub(1, #head) == head then
+      local rest = name:sub(#head + 1)
+      local block, inner = rest:match("^transformer%.resblocks%.(%d+)%.(.*)$")
+      local known
+      if block then
+        known = tonumber(block) < layers and (BLOCK_NAMES[inner] ~= nil or inner == "attn.in_proj_weight"
+          or inner == "attn.in_proj_bias")
+      else
+        known = TOP_NAMES[rest] ~= nil or UNUSED[rest]
+      end
+      if not known then
+        error(string.format("unsupported open_clip vision tensor '%s' (this tower has no LayerScale, "
+          .. "patch norm or attentional pooling)", name), 3)
+      end
+    end
+  end
+end
+
 -- A checkpoint table with CLIP names under "vision_model" for the open_clip
 -- tower under `prefix`, and the number of resblocks found. Tensors are
 -- shared (views), not copied.
@@ -66,6 +94,7 @@ function M.map_weights(weights, prefix, width)
     end
     layers = layers + 1
   end
+  check_unknown(weights, prefix, layers)
   return out, layers
 end
 

@@ -1,7 +1,7 @@
 -- The Flamingo pipeline shared by IDEFICS (idefics.lua) and OpenFlamingo
 -- (openflamingo.lua): images are encoded and resampled into latents, gated
 -- cross-attention blocks run between the frozen language model's layers,
--- and each text token sees the image its media mask gives it. A family file
+-- and each text token attends to the images its media mask allows. A family file
 -- loads the parts and sets the fields listed at Model below; this file runs
 -- the forward pass, the media masks and cached generation.
 local loom = require("loom.core")
@@ -219,9 +219,9 @@ function Model:media_times(rows, masks, n_media)
 end
 
 -- Left-pad rows of ids to one length. Returns ids (B, T) i64, the key mask
--- (B, T) u8 or nil when nothing is padded, positions (B, T) i64 (real
--- tokens count from 0, padding gets 1 as Hugging Face's generate does), the
--- padded id and mask lists, and per row the next position.
+-- (B, T) u8 or nil when nothing is padded, and positions (B, T) i64. Real
+-- tokens count from 0 and padding gets 1, as Hugging Face's generate does.
+-- Also returns the padded id and mask lists, and per row the next position.
 function Model:pad_rows(rows, masks)
   local longest = 0
   for _, ids in ipairs(rows) do longest = math.max(longest, #ids) end
@@ -246,7 +246,12 @@ end
 local function pixel_rows(self, args, batch)
   local rows = {}
   if args.pixel_values then
-    for r = 1, batch do rows[r] = args.pixel_values:select(1, r) end
+    local px = args.pixel_values
+    if px:dim() < 5 or px:size(1) ~= batch then
+      error(string.format("pixel_values has shape [%s], expected [%d, images, 3, S, S] (or with frames) for %d row%s of ids",
+        table.concat(px:shape(), ", "), batch, batch, batch == 1 and "" or "s"), 3)
+    end
+    for r = 1, batch do rows[r] = px:select(1, r) end
   elseif args.images then
     for r = 1, batch do
       local list = args.images[r]
@@ -307,7 +312,7 @@ end
 --   args.attention_mask  (B, T) 0/1 (optional)
 --   args.pixel_values    (B, M, 3, S, S) or (B, M, F, 3, S, S) f32, or
 --   args.images          per row a list of images (paths, u8 or f32 tensors)
---   args.image_attention_mask  (B, T, M) 0/1: which images each token sees,
+--   args.image_attention_mask  (B, T, M) 0/1: the images each token attends to,
 --                        instead of the masks computed from the ids
 --   args.hook            debug hook function(name, tensor)
 --   args.logits          "all" (default) or "last"

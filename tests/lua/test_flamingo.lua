@@ -459,6 +459,9 @@ run("more images than markers", function()
   check.checkerror(function()
     model:forward({ input_ids = { { 298, 5, 298 } }, images = { { OF_DIR .. "/chelsea.png" } } })
   end, "row 1: token 3 follows media token 2 but only 1 image was given")
+  check.checkerror(function()
+    model:forward({ input_ids = { { 298, 5 }, { 298, 6 } }, pixel_values = loom.zeros({ 1, 1, 3, 56, 56 }) })
+  end, "pixel_values has shape [1, 1, 3, 56, 56], expected [2, images, 3, S, S] (or with frames) for 2 rows of ids")
   check.checkerror(function() model:generate({ "A cat", { image = OF_DIR .. "/chelsea.png" } }) end,
     "no tokenizer.json in '" .. OF_DIR .. "' to encode the prompt")
   check.checkerror(function() model:generate({ 42 }) end,

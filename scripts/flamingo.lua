@@ -117,7 +117,7 @@ local function read_shots(path)
       local img, load_error = require("loom").image.load(image)
       if img == nil then
         f:close()
-        error(string.format("%s: cannot load image '%s': %s", where, image, load_error), 0)
+        error(string.format("%s: cannot load the shot's image: %s", where, load_error), 0)
       end
       list[#list + 1] = img
       list[#list + 1] = text
@@ -145,7 +145,7 @@ local opts = parse(arg or {})
 local ok, err = pcall(function()
   local prompt = read_shots(opts.shots)
   local query, load_error = require("loom").image.load(opts.image)
-  if query == nil then error(string.format("cannot load image '%s': %s", opts.image, load_error), 0) end
+  if query == nil then error(string.format("cannot load the query image: %s", load_error), 0) end
   prompt[#prompt + 1] = query
   if opts.prompt ~= "" then prompt[#prompt + 1] = opts.prompt end
 

@@ -501,8 +501,8 @@ run("flamingo script", function()
   write_file(shots, '{"image": "cat.png", "text": "A cat."}\n{"image": "missing.png", "text": "x"}\n')
   out, code = run_script(string.format("--model '%s' --shots '%s' --image '%s/rocket.jpg'", dir, shots, OF_DIR))
   check.equal(code, 1, "missing image exits 1")
-  check.check(out:find(shots .. ":2: cannot load image '" .. dir .. "/missing.png'", 1, true) ~= nil,
-    "missing image message: " .. out)
+  check.check(out:find(shots .. ":2: cannot load the shot's image: " .. dir .. "/missing.png: No such file", 1, true)
+    ~= nil, "missing image message: " .. out)
 
   -- a malformed line names the file and line
   write_file(shots, '{"image": "cat.png", "text": "A cat."}\n{"image": "cat.png", "text": \n')

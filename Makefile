@@ -79,6 +79,7 @@ test: all
 
 # The whole suite under ASan + UBSan, in its own object directory and binary.
 asan:
+	LOOM_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	$(MAKE) BUILD=build-asan LOOM=bin/loom-asan OPT="-O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined" \
 	    LDFLAGS="-fsanitize=address,undefined" test
 

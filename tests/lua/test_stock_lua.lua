@@ -40,8 +40,11 @@ for i = 1, 50 do big = loom.zeros(1024, 1024) end
 collectgarbage()
 print(loom.owned_bytes() < 64 * 2 ^ 20)
 ]]
-local cmd = string.format("cd %s && LUA_CPATH=%s LUA_PATH=%s lua5.4 -e %s", quote(root),
-  quote(build .. "/lua/?.so;;"), quote("lua/?.lua;lua/?/init.lua;;"), quote(code))
+-- A sanitizer build's module needs the sanitizer runtimes loaded first;
+-- `make asan` passes their paths in LOOM_PRELOAD.
+local preload = os.getenv("LOOM_PRELOAD") or ""
+local cmd = string.format("cd %s && LD_PRELOAD=%s ASAN_OPTIONS=detect_leaks=0 LUA_CPATH=%s LUA_PATH=%s lua5.4 -e %s",
+  quote(root), quote(preload), quote(build .. "/lua/?.so;;"), quote("lua/?.lua;lua/?/init.lua;;"), quote(code))
 local out, status = run(cmd)
 check.equal(status, 0, "lua5.4 runs the script: " .. out)
 check.equal(out, "10.0\t22.0\t0.1.0\ttable\n" ..

@@ -20,6 +20,8 @@ CFLAGS  += $(CFLAGS_BASE) $(DEPS_CFLAGS) -Icore -fopenmp -DLOOM_HAVE_ZLIB
 LDLIBS  += $(DEPS_LIBS) -lm -lpthread -ldl -fopenmp
 
 CORE_SRC := $(wildcard core/*.c)
+# Installed headers: everything but the internal ones shared between core files.
+PUBLIC_HEADERS := $(filter-out %_internal.h %_tables.h core/ops_blas.h,$(wildcard core/*.h))
 CORE_OBJ := $(CORE_SRC:%.c=$(BUILD)/%.o)
 BIND_SRC := $(filter-out lua/main.c,$(wildcard lua/*.c))
 BIND_OBJ := $(BIND_SRC:%.c=$(BUILD)/%.o)
@@ -98,8 +100,8 @@ install: all
 	    $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/share/lua/5.4/loom \
 	    $(DESTDIR)$(PREFIX)/lib/lua/5.4/loom
 	install -m 644 $(LIB_A) $(LIB_SO) $(DESTDIR)$(PREFIX)/lib/
-	install -m 644 core/*.h $(DESTDIR)$(PREFIX)/include/loom/
-	install -m 755 $(LOOM) $(DESTDIR)$(PREFIX)/bin/
+	install -m 644 $(PUBLIC_HEADERS) $(DESTDIR)$(PREFIX)/include/loom/
+	install -m 755 $(LOOM) $(DESTDIR)$(PREFIX)/bin/loom
 	install -m 755 $(LUA_MOD) $(DESTDIR)$(PREFIX)/lib/lua/5.4/loom/core.so
 	cp -r lua/loom/. $(DESTDIR)$(PREFIX)/share/lua/5.4/loom/
 	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(shell sed -n 's/#define LOOM_VERSION "\(.*\)"/\1/p' core/base.h)|' \

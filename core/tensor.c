@@ -150,7 +150,8 @@ static loom_storage *storage_new(size_t nbytes, bool zeroed) {
     if (!s)
         return NULL;
     /* Allocate at least one byte so that data is never NULL. */
-    s->data = zeroed ? loom_alloc_zeroed(nbytes ? nbytes : 1) : loom_alloc(nbytes ? nbytes : 1);
+    size_t alloc_bytes = nbytes ? nbytes : 1;
+    s->data = zeroed ? loom_alloc_zeroed(alloc_bytes) : loom_alloc(alloc_bytes);
     if (!s->data) {
         free(s);
         return NULL;
@@ -778,7 +779,8 @@ static int coalesce(int ndim, int64_t *shape, int64_t *sa, int64_t *sb) {
     return n;
 }
 
-/* Copy rows of `len` elements with element strides da/db, converting. */
+/* Copy a row of `len` elements with element strides ds (destination) and ss
+ * (source), converting between dtypes. */
 static void copy_row(char *dst, loom_dtype ddt, int64_t ds, const char *src, loom_dtype sdt, int64_t ss,
                      int64_t len) {
     size_t des = loom_dtype_size(ddt), ses = loom_dtype_size(sdt);

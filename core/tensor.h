@@ -98,8 +98,7 @@ size_t loom_tensor_nbytes(const loom_tensor *t); /* numel * element size */
 bool loom_tensor_is_contiguous(const loom_tensor *t);
 /* Pointer to element 0 of the view. */
 void *loom_tensor_data(const loom_tensor *t);
-/* Number of bytes of storage the view may touch past its offset; used to
- * check that a view stays inside its storage. */
+/* Whether every element the view can address lies inside its storage. */
 bool loom_tensor_in_bounds(const loom_tensor *t);
 /* Normalise a possibly negative dimension index (-1 = last) into [0, ndim);
  * returns -1 if out of range. `ndim_extra` widens the range for unsqueeze. */

@@ -27,6 +27,8 @@ for m in "$@"; do
 done
 # lua5.4 interpreter, used by the tests that load Loom from a stock Lua.
 command -v lua5.4 >/dev/null 2>&1 || missing="$missing lua5.4"
+# luacheck, which the suite runs to keep Lua modules free of globals.
+command -v luacheck >/dev/null 2>&1 || missing="$missing lua-check"
 [ -z "$missing" ] && exit 0
 line="apt-get install -y$missing"
 if [ "$(id -u)" = 0 ]; then

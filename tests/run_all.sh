@@ -38,6 +38,21 @@ done
 for t in tests/lua/test_*.lua; do
     [ -f "$t" ] && run "$(basename "$t")" "$LOOM" "$t"
 done
+# No Lua file may read or write an undefined global (luacheck's W1xx codes).
+if command -v luacheck >/dev/null 2>&1; then
+    if luacheck --no-color -q lua/loom scripts tests bench --only 1 >"$log" 2>&1; then
+        echo "luacheck globals: 1 passed, 0 failed"
+        total_pass=$((total_pass + 1))
+    else
+        cat "$log"
+        echo "luacheck globals: 0 passed, 1 failed"
+        total_fail=$((total_fail + 1))
+    fi
+else
+    echo "luacheck globals: 0 passed, 1 failed (luacheck is not installed: apt-get install lua-check)"
+    total_fail=$((total_fail + 1))
+fi
+
 if [ -f tests/parity.lua ] && [ -d tests/golden ]; then
     run parity "$LOOM" tests/parity.lua tests/golden/*
 fi

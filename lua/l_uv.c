@@ -1245,13 +1245,13 @@ int loom_uv_repl_prepare(lua_State *L, fd_set *fds, int *nfds) {
 void loom_uv_repl_run(lua_State *L) {
     if (!module_open || shutting_down || callback_L)
         return;
-    uv_loop_t *loop = the_loop();
-    callback_L = L;
-    uv_run(loop, UV_RUN_NOWAIT);
+    /* The tick runs the loop once without blocking, then the ready tasks. */
     dispatch(L, "task", push_driver_call, (void *)DRIVER_TICK_KEY);
-    /* Once more, so that watchers the tasks just started reach the backend
-     * descriptor the REPL's pselect waits on. */
-    uv_run(loop, UV_RUN_NOWAIT);
+    /* Run the loop again: this delivers events when async.lua is not
+     * loaded, and hands the watchers the tasks just started to the backend
+     * descriptor that the REPL's pselect waits on. */
+    callback_L = L;
+    uv_run(the_loop(), UV_RUN_NOWAIT);
     callback_L = NULL;
 }
 

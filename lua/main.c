@@ -16,6 +16,7 @@
 #include <readline/history.h>
 #include <readline/readline.h>
 
+#include "l_uv.h" /* the async runtime's loop, waited on beside stdin */
 #include "loom_lua.h"
 
 #define PROMPT "loom> "
@@ -621,7 +622,11 @@ static char *read_line(const char *prompt, int *interrupted) {
         fd_set fds;
         FD_ZERO(&fds);
         FD_SET(STDIN_FILENO, &fds);
-        int r = pselect(STDIN_FILENO + 1, &fds, NULL, NULL, NULL, &orig);
+        /* Background tasks of loom.async run while the user types. */
+        int nfds = STDIN_FILENO + 1;
+        int wait_ms = loom_uv_repl_prepare(globalL, &fds, &nfds);
+        struct timespec timeout = {wait_ms / 1000, (long)(wait_ms % 1000) * 1000000L};
+        int r = pselect(nfds, &fds, NULL, NULL, wait_ms < 0 ? NULL : &timeout, &orig);
         if (r < 0 && errno == EINTR && prompt_interrupted) {
             /* Ctrl-C: show it after the text typed so far, drop the line.
              * "^C" goes out before the terminal is restored, because that
@@ -643,7 +648,9 @@ static char *read_line(const char *prompt, int *interrupted) {
             rl_callback_handler_remove();
             break; /* treat as end of input */
         }
-        rl_callback_read_char();
+        loom_uv_repl_run(globalL);
+        if (FD_ISSET(STDIN_FILENO, &fds))
+            rl_callback_read_char();
     }
     sigaction(SIGINT, &old, NULL);
     sigprocmask(SIG_SETMASK, &orig, NULL);

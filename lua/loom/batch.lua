@@ -521,7 +521,7 @@ local function new_progress(opts, total, already)
 end
 
 function Progress:rate()
-  local seconds = uv.hrtime() - self.start
+  local seconds = (self.finished_at or uv.hrtime()) - self.start
   return seconds > 0 and self.done / seconds or 0
 end
 
@@ -563,6 +563,7 @@ function Progress:start_timer()
 end
 
 function Progress:finish()
+  self.finished_at = uv.hrtime()
   if self.timer then self.timer.close() end
   if self.mode == "bar" then
     self:draw()
@@ -675,7 +676,17 @@ function M.run(opts)
       if opts.verbose then say(string.format("job '%s' failed:\n%s", id, text)) end
     end,
   }
-  ctx.model = opts.model_object or pipeline.load(opts.model)
+  if opts.model_object then
+    ctx.model = opts.model_object
+  else
+    local ok, model = pcall(pipeline.load, opts.model)
+    if not ok then
+      -- drop the "file.lua:N: " position the loaders' messages start with
+      local message = async.error_message(model):gsub("^[^:\n]*%.lua:%d+: ", "")
+      error(string.format("cannot load the %s model from '%s': %s", opts.pipeline, tostring(opts.model), message), 0)
+    end
+    ctx.model = model
+  end
   if opts.pipeline == "llava" and opts.batching ~= false and concurrency > 1 then
     ctx.scheduler = require("loom.scheduler").new(ctx.model, { max_batch = opts.max_batch })
   end
@@ -753,7 +764,7 @@ function M.run(opts)
     if not outcome[1] and not async.is_cancelled(outcome[2]) then error(outcome[2], 0) end
   end
 
-  local seconds = uv.hrtime() - progress.start
+  local seconds = progress.finished_at - progress.start
   summary.done, summary.failed = progress.done, progress.failed
   summary.remaining = #pending - progress.done
   summary.seconds = seconds

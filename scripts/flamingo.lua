@@ -11,7 +11,9 @@ usage: loom scripts/flamingo.lua --model DIR --shots FILE.jsonl --image FILE [--
 
 Few-shot captioning or visual question answering with an IDEFICS or
 OpenFlamingo checkpoint directory (config.json with model_type "idefics" or
-"openflamingo", model.safetensors, preprocessor_config.json, tokenizer.json).
+"openflamingo", model.safetensors, preprocessor_config.json and a tokenizer),
+or an OpenFlamingo release layout whose config.json names checkpoint.pt and
+the vision, language model and tokenizer directories.
 The prompt is each shot's image and text in order, then the query image and
 --prompt; OpenFlamingo's <|endofchunk|> closes each shot.
 

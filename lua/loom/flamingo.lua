@@ -25,6 +25,16 @@ function M.file_exists(path)
   return false
 end
 
+-- Whether `path` is a directory: one that io.open opens but cannot read
+-- (EISDIR, Linux).
+function M.is_directory(path)
+  local f = io.open(path, "rb")
+  if f == nil then return false end
+  local _, _, code = f:read(1)
+  f:close()
+  return code == 21
+end
+
 -- A copy of a decoded JSON value with JSON nulls turned into absent keys.
 local function strip_nulls(v)
   if v == json.null then return nil end
@@ -33,6 +43,7 @@ local function strip_nulls(v)
   for k, x in pairs(v) do out[k] = strip_nulls(x) end
   return out
 end
+M.strip_nulls = strip_nulls
 
 -- Read a JSON file of a checkpoint directory; raises naming the file.
 function M.read_json(dir, name, what)
@@ -42,13 +53,15 @@ function M.read_json(dir, name, what)
   return strip_nulls(value)
 end
 
--- The tokenizer.json of a directory, or nil when there is none.
+-- The tokenizer of a checkpoint directory (tokenizer.json, tokenizer.model
+-- or vocab.json with merges.txt, as loom.tokenizers reads them), or nil
+-- when the directory has none. Raises when a tokenizer file fails to load.
 function M.load_tokenizer(dir)
-  local path = M.path_join(dir, "tokenizer.json")
-  if not M.file_exists(path) then return nil end
-  local tk = require("loom").tokenizer
-  local tok, err = tk.load(path)
-  if tok == nil then error(err, 3) end
+  local tok, err, code = require("loom.tokenizers").load(dir)
+  if tok == nil then
+    if code == "ENOENT" then return nil end
+    error(err, 3)
+  end
   return tok
 end
 

@@ -14,6 +14,8 @@ local flamingo = require("loom.flamingo")
 local idefics = require("loom.idefics")
 local openflamingo = require("loom.openflamingo")
 
+require("loom.log").set_level("warning")
+
 local IDEFICS_DIR = "tests/golden/idefics"
 local OF_DIR = "tests/golden/openflamingo"
 local root = arg[0]:gsub("[^/]*$", "") .. "../../"
@@ -23,98 +25,14 @@ local function run(name, fn)
   check.check(ok, name .. ": " .. tostring(err))
 end
 
-local function temp_dir()
-  local path = os.tmpname()
-  os.remove(path)
-  assert(os.execute("mkdir -p '" .. path .. "'"))
-  return path
-end
-
-local function write_file(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-end
-
-local function copy_file(src, dst)
-  local f = assert(io.open(src, "rb"))
-  local bytes = f:read("a")
-  f:close()
-  write_file(dst, bytes)
-end
-
--- ---------------------------------------------------------------------------
--- A byte-level BPE tokenizer.json without merges: printable ASCII byte b
--- gets id b - 32 + first_id, other ids up to `size` are unused fillers, and
--- `added` maps special tokens to their ids.
-
-local function byte_char(b)
-  -- GPT-2's byte-to-character table for printable ASCII: space is U+0120
-  if b == 32 then return utf8.char(0x120) end
-  return string.char(b)
-end
-
-local function write_tokenizer(path, first_id, size, added)
-  local vocab, taken = {}, {}
-  for b = 32, 126 do
-    vocab[byte_char(b)] = b - 32 + first_id
-    taken[b - 32 + first_id] = true
-  end
-  local added_list = json.array({})
-  for text, id in pairs(added) do
-    vocab[text] = id
-    taken[id] = true
-    added_list[#added_list + 1] = { id = id, content = text, single_word = false, lstrip = false, rstrip = false,
-      normalized = false, special = true }
-  end
-  for id = 0, size - 1 do
-    if not taken[id] then vocab["<filler_" .. id .. ">"] = id end
-  end
-  write_file(path, json.encode({
-    model = { type = "BPE", vocab = vocab, merges = json.array({}) },
-    pre_tokenizer = { type = "ByteLevel", add_prefix_space = false, trim_offsets = true, use_regex = true },
-    decoder = { type = "ByteLevel", add_prefix_space = false, trim_offsets = true, use_regex = true },
-    added_tokens = added_list,
-  }))
-end
-
--- Ids of text under write_tokenizer's vocabulary.
-local function text_ids(text, first_id)
-  local ids = {}
-  for i = 1, #text do ids[i] = text:byte(i) - 32 + first_id end
-  return ids
-end
-
-local function concat(...)
-  local out = {}
-  for _, list in ipairs({ ... }) do
-    for _, v in ipairs(list) do out[#out + 1] = v end
-  end
-  return out
-end
-
--- A copy of a golden case directory with a tokenizer.json.
-local function model_dir(src, tokenizer)
-  local dir = temp_dir()
-  for _, name in ipairs({ "config.json", "model.safetensors", "preprocessor_config.json" }) do
-    copy_file(src .. "/" .. name, dir .. "/" .. name)
-  end
-  tokenizer(dir .. "/tokenizer.json")
-  return dir
-end
-
--- OpenFlamingo's case: ids 0..94 printable ASCII, <|endofchunk|> 297,
--- <image> 298, <PAD> 299.
-local function of_tokenizer(path)
-  write_tokenizer(path, 0, 300, { ["<|endofchunk|>"] = 297, ["<image>"] = 298, ["<PAD>"] = 299 })
-end
-
--- IDEFICS' case: <unk> 0, <s> 1, </s> 2, printable ASCII from 3, and the
--- additional tokens 200 and 201.
-local function idefics_tokenizer(path)
-  write_tokenizer(path, 3, 202, { ["<unk>"] = 0, ["<s>"] = 1, ["</s>"] = 2,
-    ["<fake_token_around_image>"] = 200, ["<image>"] = 201 })
-end
+local fixtures = require("flamingo_fixtures")
+local write_file = fixtures.write_file
+local copy_file = fixtures.copy_file
+local text_ids = fixtures.text_ids
+local concat = fixtures.concat
+local model_dir = fixtures.model_dir
+local of_tokenizer = fixtures.of_tokenizer
+local idefics_tokenizer = fixtures.idefics_tokenizer
 
 -- ---------------------------------------------------------------------------
 -- Media masks
@@ -463,7 +381,7 @@ run("more images than markers", function()
     model:forward({ input_ids = { { 298, 5 }, { 298, 6 } }, pixel_values = loom.zeros({ 1, 1, 3, 56, 56 }) })
   end, "pixel_values has shape [1, 1, 3, 56, 56], expected [2, images, 3, S, S] (or with frames) for 2 rows of ids")
   check.checkerror(function() model:generate({ "A cat", { image = OF_DIR .. "/chelsea.png" } }) end,
-    "no tokenizer.json in '" .. OF_DIR .. "' to encode the prompt")
+    "no tokenizer in '" .. OF_DIR .. "' to encode the prompt")
   check.checkerror(function() model:generate({ 42 }) end,
     "prompt item 1 is a number (expected a string, an image tensor or {image = path})")
 end)

@@ -28,7 +28,7 @@ where it stopped.
   --concurrency N          jobs in flight at once (default 1); with llava,
                            their images load on the thread pool and their
                            generation steps run as one batch
-  --max-batch N            sequences per batched step (llava, default 16)
+  --max-batch N            sequences per batched step (llava, default 8)
   --no-batching            run each generation on its own (llava)
   --shard K/N              only the jobs whose id hashes to shard K of N
                            (0 <= K < N); K may be "env" to read it from

@@ -586,7 +586,7 @@ end
 --   opts.image_root     directory for relative image paths (default: the jobs file's)
 --   opts.defaults       generation options for jobs that do not set them
 --   opts.batching       false turns off the LLaVA scheduler (default on)
---   opts.max_batch      sequences per batched step (scheduler, default 16)
+--   opts.max_batch      sequences per batched step (scheduler, default 8)
 --   opts.progress       "auto" (default), "bar", "lines" or false
 --   opts.progress_interval  seconds between plain progress lines (default 10)
 --   opts.fsync_every    records between fsyncs (default 16), also fsync
@@ -771,6 +771,7 @@ function M.run(opts)
   summary.jobs_per_s = seconds > 0 and progress.done / seconds or 0
   summary.interrupted = state.stopping
   summary.peak_rss = uv.getrusage().maxrss
+  if ctx.scheduler then summary.scheduler = ctx.scheduler.stats end
   status.state = state.stopping and "stopped" or "done"
   status.summary = summary
   return summary

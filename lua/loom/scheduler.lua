@@ -5,22 +5,24 @@
 -- waits. The scheduler collects what every task submits in one round (it
 -- runs once no task is ready, see async.idle), and then runs:
 --   - the images waiting for the vision tower as one batched forward;
---   - one ragged decoder step over every live sequence: the prompt of a
---     sequence that starts (prefill) and one token of each sequence that
---     decodes, concatenated along the time axis. Norms, projections and
---     the MLP run once over all rows. Attention runs per sequence on its
---     own KV cache, so no sequence attends to another's keys or to padding.
+--   - one decoder step over every live sequence: the next token of each
+--     decoding sequence in one ragged pass (one row per sequence), and the
+--     prompt of each sequence that starts (prefill) in a pass of its own.
+--     Norms, projections and the MLP run once over all rows of a pass.
+--     Attention runs per sequence on its own KV cache, so no sequence
+--     attends to another's keys or to padding.
 -- Sequences join at their prefill and leave when their generation ends.
 -- Every sequence computes what a single run computes, with the same ops in
 -- the same order on its rows.
--- NOTE: a linear layer's row can differ in the last bits between batch
--- sizes: OpenBLAS (0.3.21 measured) takes other kernels for small
--- matrices, and loom.linear switches 16-bit weights from its few-row
--- kernel to a GEMM above 8 rows. Tokens then match a single run unless two
--- logits tie that closely.
+-- NOTE: a linear layer's row can still differ in the last bits between
+-- batch sizes. With f32 weights OpenBLAS (0.3.21 measured) takes other
+-- kernels for small matrices, and with 16-bit weights loom.linear leaves
+-- its few-row kernel (bitwise the same per row) above 8 rows. Tokens then
+-- match a single run unless two logits tie that closely.
 local loom = require("loom.core")
 local async = require("loom.async")
 local generate = require("loom.generate")
+local uv = loom.uv
 
 local M = {}
 
@@ -96,23 +98,31 @@ Scheduler.__index = Scheduler
 M.Scheduler = Scheduler
 
 -- A scheduler for a loaded loom.llava model.
---   opts.max_batch        sequences per decoder step (default 16)
+--   opts.max_batch        sequences per decoder step (default 8, the rows
+--                         up to which 16-bit weights take the few-row kernel)
 --   opts.max_images       images per vision forward (default 8)
 --   opts.max_step_tokens  positions per decoder step (default 2048); a
 --                         prompt longer than this still runs, alone
+--   opts.merge_prefill    true runs the prompts of starting sequences in
+--                         the same pass as the decoding tokens (fewer weight
+--                         reads). By default each prompt runs in a pass of
+--                         its own, as a single run computes it, so that
+--                         its rows take the same kernels.
 function M.new(model, opts)
   opts = opts or {}
   local self = setmetatable({
     model = model,
-    max_batch = opts.max_batch or 16,
+    max_batch = opts.max_batch or 8,
     max_images = opts.max_images or 8,
     max_step_tokens = opts.max_step_tokens or 2048,
+    merge_prefill = opts.merge_prefill or false,
     vision_queue = {}, -- {pixels (n, 3, S, S), wake}
     lm_queue = {},     -- {segment, wake}
     wakeup = async.event(),
     closed = false,
     live = 0,
-    stats = { steps = 0, step_rows = 0, step_sequences = 0, vision_batches = 0, vision_images = 0 },
+    stats = { steps = 0, passes = 0, step_rows = 0, step_sequences = 0, vision_batches = 0, vision_images = 0,
+      vision_s = 0, prefill_s = 0, decode_s = 0 },
   }, Scheduler)
   return self
 end
@@ -173,9 +183,11 @@ function Scheduler:run_vision()
   end
   local pixels = {}
   for i, item in ipairs(take) do pixels[i] = item.pixels end
+  local t0 = uv.hrtime()
   local ok, features = pcall(function()
     return self.model:encode_images(#pixels == 1 and pixels[1] or loom.cat(pixels, 1)) -- (n_total, T_img, D)
   end)
+  self.stats.vision_s = self.stats.vision_s + uv.hrtime() - t0
   if not ok then return fail_all(take, features) end
   self.stats.vision_batches = self.stats.vision_batches + 1
   self.stats.vision_images = self.stats.vision_images + count
@@ -196,16 +208,37 @@ function Scheduler:run_decoder()
     table.remove(self.lm_queue, 1)
     take[#take + 1], rows = item, rows + t
   end
-  local segments = {}
-  for i, item in ipairs(take) do segments[i] = item.segment end
-  local ok, logits = pcall(M.ragged_forward, self.model.lm, segments)
-  if not ok then return fail_all(take, logits) end
+  -- the passes of this step: every segment in one, or (by default) each
+  -- prompt alone and the decoding tokens together
+  local passes = { {} }
+  for _, item in ipairs(take) do
+    if self.merge_prefill or item.segment.embeds:size(2) == 1 then
+      table.insert(passes[1], item)
+    else
+      passes[#passes + 1] = { item }
+    end
+  end
+  for _, pass in ipairs(passes) do
+    if #pass > 0 then
+      local segments = {}
+      for i, item in ipairs(pass) do segments[i] = item.segment end
+      local t0 = uv.hrtime()
+      local ok, logits = pcall(M.ragged_forward, self.model.lm, segments)
+      local key = pass == passes[1] and "decode_s" or "prefill_s" -- the first pass contains the decoding rows
+      self.stats[key] = self.stats[key] + uv.hrtime() - t0
+      if ok then
+        self.stats.passes = self.stats.passes + 1
+        for i, item in ipairs(pass) do
+          item.wake(true, logits:narrow(1, i, 1)) -- (1, V)
+        end
+      else
+        fail_all(pass, logits)
+      end
+    end
+  end
   self.stats.steps = self.stats.steps + 1
   self.stats.step_rows = self.stats.step_rows + rows
   self.stats.step_sequences = self.stats.step_sequences + #take
-  for i, item in ipairs(take) do
-    item.wake(true, logits:narrow(1, i, 1)) -- (1, V)
-  end
 end
 
 -- The scheduler task: wait for work, let every ready task submit its part

@@ -124,6 +124,51 @@ run("batched equals single", function()
       sched.stats.step_sequences, sched.stats.steps))
 end)
 
+run("bf16 batched logits bitwise", function()
+  -- with 16-bit decoder weights every row takes the few-row kernel, so the
+  -- logits of each step equal a single run's bit for bit
+  local m = require("loom.llava").load(MODEL_DIR)
+  local function to_bf16(module)
+    for _, v in pairs(module) do
+      if type(v) == "table" and loom.is_tensor(v.weight) and v.weight:dim() == 2 then v.weight = v.weight:to("bf16") end
+    end
+  end
+  for _, layer in ipairs(m.lm.layers) do
+    to_bf16(layer)
+    to_bf16(layer.mlp)
+  end
+  m.lm.lm_head.weight = m.lm.lm_head.weight:to("bf16")
+  local requests = {
+    { image = IMAGE, prompt = prompt.llava_v1("What is it?"), max_new_tokens = 10 },
+    { image = IMAGE, prompt = prompt.llava_v1("A longer question about the picture?"), max_new_tokens = 14 },
+    { images = { IMAGE, IMAGE }, prompt = "<image> <image> two", max_new_tokens = 8, temperature = 0.9, seed = 2 },
+  }
+  local expected = {}
+  for i, r in ipairs(requests) do
+    expected[i] = {}
+    local args = { on_logits = function(step, l) expected[i][step] = l:clone() end }
+    for k, v in pairs(r) do args[k] = v end
+    m:generate(args)
+  end
+  local worst, steps = 0, 0
+  local sched = scheduler.new(m)
+  async.run(function()
+    local tasks = {}
+    for i, r in ipairs(requests) do
+      local args = { on_logits = function(step, l)
+        steps = steps + 1
+        worst = math.max(worst, loom.max_abs_diff(l, expected[i][step]))
+      end }
+      for k, v in pairs(r) do args[k] = v end
+      tasks[i] = async.spawn(sched.generate, sched, args)
+    end
+    async.all(tasks)
+    sched:close()
+  end)
+  check.equal(steps, 32, "every step of every request was compared")
+  check.equal(worst, 0, "batched logits equal single-run logits exactly")
+end)
+
 run("ragged step equals forward", function()
   -- one prefill and one decode step of two sequences against lm:forward
   local lm = model.lm
@@ -301,6 +346,27 @@ run("shards cover input once", function()
     "--output", dir .. "/x.jsonl", "--shard", "3/3" })
   check.equal(code, 2, "an invalid shard is an argument error")
   check.check(contains(stderr, "invalid shard '3/3'"), "the message names the shard: " .. stderr)
+end)
+
+run("blip2 pipeline", function()
+  local dir = temp_dir()
+  write_file(dir .. "/jobs.jsonl", table.concat({
+    json.encode({ id = "caption", image = IMAGE, max_new_tokens = 4 }),
+    json.encode({ id = "vqa", image = IMAGE, question = "what is it?", max_new_tokens = 3, num_beams = 2 }),
+    json.encode({ id = "sampling", image = IMAGE, temperature = 0.5 }),
+    json.encode({ id = "two-images", images = { IMAGE, IMAGE } }),
+  }, "\n") .. "\n")
+  local out = dir .. "/results.jsonl"
+  local code, stderr = run_batch({ "--pipeline", "blip2", "--model", root .. "examples/models/tiny-blip2",
+    "--input", dir .. "/jobs.jsonl", "--output", out, "--concurrency", "2" })
+  check.equal(code, 0, "the blip2 batch runs: " .. stderr)
+  local records = read_results(out)
+  check.check(records.caption and records.caption.tokens == 4, "a caption of 4 tokens")
+  check.check(records.vqa and records.vqa.tokens == 3, "an answer of 3 tokens")
+  check.check(records.sampling and contains(records.sampling.error, "not supported by the blip2 pipeline"),
+    "an option blip2 lacks is an input error")
+  check.check(records["two-images"] and contains(records["two-images"].error, "exactly one image"),
+    "blip2 takes one image per job")
 end)
 
 run("shard parsing", function()

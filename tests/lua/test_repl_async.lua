@@ -1,6 +1,6 @@
--- Tests of background batches in the REPL: on a terminal (a pseudo-terminal
--- from util-linux's `script`) a batch started with loom.batch.start makes
--- progress while the REPL waits for input, and loom.jobs() lists it; with
+-- Tests of background batches in the REPL. On a terminal (a pseudo-terminal
+-- from util-linux's `script`), a batch started with loom.batch.start makes
+-- progress while the REPL waits for input, and loom.jobs() lists it. With
 -- piped input, job:wait() runs the batch to its end.
 package.path = arg[0]:gsub("[^/]*$", "") .. "?.lua;" .. package.path
 local check = require("check")

@@ -36,9 +36,13 @@
 #define DRIVER_TICK_KEY "loom.uv.driver_tick"
 #define DRIVER_READY_KEY "loom.uv.driver_ready"
 
-/* The state whose uv.run (or REPL hook) is inside uv_run, so callbacks know
- * where to call Lua; NULL outside uv_run. */
+/* The Lua thread that callbacks run on while uv_run runs, NULL outside
+ * uv_run. It is a thread of its own (created when the module opens and kept
+ * in the registry) rather than the caller of uv.run: a debug hook set on
+ * the caller, such as the REPL's Ctrl-C hook, then fires when the caller's
+ * Lua code runs again instead of inside a callback that would swallow it. */
 static lua_State *callback_L;
+static lua_State *callback_thread;
 /* Set when a pinned handle is finalized, which happens only while the Lua
  * state closes: from then on callbacks release C memory and skip Lua. */
 static int shutting_down;
@@ -157,7 +161,7 @@ static int l_uv_run(lua_State *L) {
     int mode = luaL_checkoption(L, 1, "default", modes);
     if (callback_L)
         return luaL_error(L, "run: the loop is already running (uv.run was called from a callback)");
-    callback_L = L;
+    callback_L = callback_thread;
     int alive = uv_run(the_loop(), run_modes[mode]);
     callback_L = NULL;
     lua_pushboolean(L, alive);
@@ -1250,7 +1254,7 @@ void loom_uv_repl_run(lua_State *L) {
     /* Run the loop again: this delivers events when async.lua is not
      * loaded, and hands the watchers the tasks just started to the backend
      * descriptor that the REPL's pselect waits on. */
-    callback_L = L;
+    callback_L = callback_thread;
     uv_run(the_loop(), UV_RUN_NOWAIT);
     callback_L = NULL;
 }
@@ -1322,6 +1326,8 @@ static void new_handle_metatable(lua_State *L, const char *mt, const luaL_Reg *m
 int luaopen_loom_uv(lua_State *L) {
     new_handle_metatable(L, TIMER_MT, timer_methods, l_timer___tostring);
     new_handle_metatable(L, SIGNAL_MT, signal_methods, l_signal___tostring);
+    callback_thread = lua_newthread(L);
+    lua_setfield(L, LUA_REGISTRYINDEX, "loom.uv.callback_thread");
     luaL_newlib(L, uv_funcs);
     lua_pushstring(L, uv_version_string());
     lua_setfield(L, -2, "libuv_version");

@@ -291,6 +291,9 @@ end
 -- code outside any task waits (async.run, or await/sleep at the top level
 -- of a script or the REPL). Raises when nothing can make pred() true.
 local running_loop = false
+local wake_timer -- bounds each blocking wait, see run_until
+local function nothing() end
+
 function M.run_until(pred)
   if current then error("run_until cannot be called inside a task (use await)", 2) end
   if running_loop then error("the loop is already running: await inside a task instead", 2) end
@@ -302,7 +305,12 @@ function M.run_until(pred)
         if not uv.alive() then
           error("deadlock: no task is ready and no event is pending, so nothing can finish the wait", 0)
         end
+        -- Wake up at least every 200 ms: the REPL's Ctrl-C sets a hook that
+        -- raises only when Lua code runs again.
+        wake_timer = wake_timer or uv.new_timer()
+        wake_timer:start(200, 0, nothing)
         uv.run("once")
+        wake_timer:stop()
       end
       M.tick()
     end

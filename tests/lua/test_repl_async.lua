@@ -85,6 +85,19 @@ else
     "jobs finished while the REPL waited for input (" .. tostring(done) .. " done): " .. out)
   check.check(contains(out, "[1] "), "loom.jobs() lists the batch on a terminal")
   check.check(count_lines(out_path) > 0, "results were written in the background")
+
+  -- Ctrl-C interrupts a wait at the prompt, well before the sleep ends
+  local feed2 = dir .. "/feed2.sh"
+  write_file(feed2, "echo 'loom.async.sleep(20000)'; sleep 0.5; printf '\\003'; sleep 0.3; "
+    .. "echo 'print(\"AFTER\")'; sleep 0.2; echo 'os.exit(0)'\n")
+  local t0 = os.time()
+  pipe = assert(io.popen(string.format("sh '%s' | LOOM_HISTORY='%s/history' script -qfec '%s' /dev/null 2>&1",
+    feed2, dir, loom_exe), "r"))
+  out = pipe:read("a"):gsub("\r", "")
+  pipe:close()
+  check.check(contains(out, "interrupted!"), "Ctrl-C raises 'interrupted!' in the waiting chunk: " .. out)
+  check.check(contains(out, "AFTER\n"), "the session goes on")
+  check.check(os.time() - t0 < 10, "the 20 s sleep was cut short")
 end
 
 check.summary()

@@ -6,10 +6,10 @@
  * - every entry from libuv into Lua runs under lua_pcall with a traceback,
  *   and an error goes to the handler set by uv.set_error_handler (default:
  *   the log) instead of ending the process;
- * - a handle userdata is pinned by a registry reference from its creation
- *   until libuv's close callback; requests live in malloc'd memory and hold
+ * - a registry reference pins a handle userdata from its creation until
+ *   libuv's close callback. Requests live in malloc'd memory and hold
  *   registry references to their callback (and to a tokenizer a worker
- *   reads), released on completion;
+ *   reads), which are released on completion;
  * - worker threads never touch the Lua state: they get copies of their
  *   inputs and leave results in the request for the loop thread. */
 #include <errno.h>
@@ -37,10 +37,10 @@
 #define DRIVER_READY_KEY "loom.uv.driver_ready"
 
 /* The Lua thread that callbacks run on while uv_run runs, NULL outside
- * uv_run. It is a thread of its own (created when the module opens and kept
- * in the registry) rather than the caller of uv.run: a debug hook set on
- * the caller, such as the REPL's Ctrl-C hook, then fires when the caller's
- * Lua code runs again instead of inside a callback that would swallow it. */
+ * uv_run. It is a thread of its own, created when the module opens and kept
+ * in the registry, rather than the caller of uv.run. So a debug hook set on
+ * the caller, such as the REPL's Ctrl-C hook, fires when the caller's Lua
+ * code runs again instead of inside a callback that would swallow it. */
 static lua_State *callback_L;
 static lua_State *callback_thread;
 /* Set when a pinned handle is finalized, which happens only while the Lua
@@ -803,6 +803,8 @@ static void work_read_file(work_request *w) {
         close(fd);
         return;
     }
+
+    /* read to the end, growing the buffer if the file grew since fstat */
     size_t cap = (size_t)st.st_size + 1, len = 0;
     char *buf = malloc(cap);
     while (buf) {
@@ -831,6 +833,7 @@ static void work_read_file(work_request *w) {
         len += (size_t)n;
     }
     close(fd);
+
     if (!buf) {
         work_fail(w, "ENOMEM", "%s: %s", w->input, strerror(ENOMEM));
         return;

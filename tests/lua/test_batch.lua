@@ -27,10 +27,12 @@ local function contains(text, part)
   return type(text) == "string" and text:find(part, 1, true) ~= nil
 end
 
+local temp_dirs = {}
 local function temp_dir()
   local path = os.tmpname()
   os.remove(path)
   assert(os.execute("mkdir -p '" .. path .. "'"))
+  temp_dirs[#temp_dirs + 1] = path
   return path
 end
 
@@ -407,4 +409,5 @@ run("background batch and jobs list", function()
   check.check(contains(jobs.describe(job), "8/8 done"), "the listing shows the count: " .. jobs.describe(job))
 end)
 
+for _, dir in ipairs(temp_dirs) do os.execute("rm -rf '" .. dir .. "'") end
 check.summary()

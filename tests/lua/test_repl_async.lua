@@ -12,10 +12,12 @@ if root:sub(1, 1) ~= "/" then root = assert(os.getenv("PWD")) .. "/" .. root end
 local MODEL_DIR = root .. "examples/models/tiny-llava"
 local IMAGE = root .. "examples/images/cat.png"
 
+local temp_dirs = {}
 local function temp_dir()
   local path = os.tmpname()
   os.remove(path)
   assert(os.execute("mkdir -p '" .. path .. "'"))
+  temp_dirs[#temp_dirs + 1] = path
   return path
 end
 
@@ -100,4 +102,5 @@ else
   check.check(os.time() - t0 < 10, "the 20 s sleep was cut short")
 end
 
+for _, dir in ipairs(temp_dirs) do os.execute("rm -rf '" .. dir .. "'") end
 check.summary()

@@ -14,12 +14,14 @@
 /* Rows of x up to which 16-bit weights go through the few-row kernel. Beyond
  * this the kernel's x loads per weight element make it slower than a GEMM. */
 #define GEMV_MAX_ROWS 8
-/* Weight rows per tile of that kernel, at most. */
+/* Weight rows per tile of that kernel, at most, and per unit of work handed
+ * to a thread (a multiple of the tile). */
 #define GEMV_MAX_TILE 8
+#define GEMV_CHUNK 128
 /* How far ahead (in weight elements, 512 bytes) the kernel prefetches each
- * weight row. On the 2-core Xeon this was tuned on (bench/bench_ops.c), it
- * raised one-row bf16 throughput from about 0.85 to 0.97 of the streaming
- * read rate. */
+ * weight row. On the 2-core Xeon this was tuned on (bench/bench_ops.c),
+ * the prefetch and eight-row tiles for one x row together raised one-row
+ * bf16 throughput from about 0.85 to 0.97 of a one-stream read-sum. */
 #define GEMV_PREFETCH 256
 
 /* Weight rows the LOOM_PATH_F32 route widens to f32 per sgemm call: about
@@ -224,8 +226,9 @@ static const gemv_fn gemv_f16[GEMV_MAX_ROWS + 1] = {
     gemv_f16_5, gemv_f16_6, gemv_f16_7, gemv_f16_8};
 
 /* c (M, N) = x (M, K) @ w^T + bias for M <= GEMV_MAX_ROWS; w is (N, K) with
- * unit inner stride and ldw elements between rows. Output rows are split
- * over the threads in multiples of eight. */
+ * unit inner stride and ldw elements between rows. Output rows go to the
+ * threads in chunks of GEMV_CHUNK, handed out dynamically so that a thread
+ * whose core is busy with other work does not hold up the call. */
 static int linear_gemv16(float *c, const loom_blas_mat *xm, const uint16_t *w, int64_t ldw,
                          loom_dtype wdtype, int64_t n_out, const float *bias) {
     int64_t rows = xm->rows, k_len = xm->cols;
@@ -238,13 +241,11 @@ static int linear_gemv16(float *c, const loom_blas_mat *xm, const uint16_t *w, i
 
     gemv_fn fn = (wdtype == LOOM_BF16 ? gemv_bf16 : gemv_f16)[rows];
     int nt = threads_for(n_out * k_len);
-#pragma omp parallel num_threads(nt)
-    {
-        int t = omp_get_thread_num(), nth = omp_get_num_threads();
-        int64_t groups = (n_out + GEMV_MAX_TILE - 1) / GEMV_MAX_TILE;
-        int64_t n0 = groups * t / nth * GEMV_MAX_TILE, n1 = groups * (t + 1) / nth * GEMV_MAX_TILE;
-        if (n1 > n_out) n1 = n_out;
-        if (n0 < n1) fn(c, n_out, xbuf, k_len, w, ldw, bias, n0, n1);
+    int64_t chunks = (n_out + GEMV_CHUNK - 1) / GEMV_CHUNK;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t i = 0; i < chunks; i++) {
+        int64_t n0 = i * GEMV_CHUNK, n1 = n0 + GEMV_CHUNK < n_out ? n0 + GEMV_CHUNK : n_out;
+        fn(c, n_out, xbuf, k_len, w, ldw, bias, n0, n1);
     }
     loom_free(xbuf);
     return LOOM_OK;
@@ -269,7 +270,7 @@ static int linear_widened(float *c, const loom_blas_mat *xm, const loom_tensor *
         /* NOTE: one thread on purpose. OpenMP workers keep spinning for a
          * while after a parallel region, so they compete with OpenBLAS's own
          * threads in the sgemm that follows. On a 2-core machine that made
-         * this route three times slower than widening serially. */
+         * this route about 2.5 times slower than widening serially. */
         for (int64_t i = 0; i < nb; i++)
             widen_row(buf + i * k_len, (const uint16_t *)(wdata + (n0 + i) * w->strides[0] * esize),
                       k_len, w->strides[1], w->dtype);

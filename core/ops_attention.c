@@ -16,11 +16,10 @@
 
 /* ---- exp for the softmax */
 
-/* e^x for 16 floats, within about 2 ulp of the correctly rounded value:
- * x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite split of ln2), a degree-7
- * Taylor polynomial for e^r (truncation below 1e-8 relative) and a scaling
- * by 2^n through vscalefps, which rounds subnormal results correctly.
- * -inf gives 0. */
+/* e^x for 16 floats: x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite split of
+ * ln2), a degree-7 Taylor polynomial for e^r and a scaling by 2^n through
+ * vscalefps, which also rounds subnormal results. Against exp in double it
+ * was within 0.92 ulp on every 64th float of [-87, 88.5]. -inf gives 0. */
 __attribute__((target("avx512f"))) static inline __m512 exp16(__m512 x) {
     const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
     const __m512 ln2_hi = _mm512_set1_ps(0.693145751953125f);

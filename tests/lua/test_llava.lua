@@ -378,7 +378,7 @@ run("pad to square preprocessing", function()
     check("pad " .. name .. " differs from no padding", not loom.equal(padded, hf_model:preprocess({ img })))
   end
 
-  -- image_aspect_ratio "square" (and none) keeps the plain preprocessing
+  -- image_aspect_ratio "square" keeps the plain preprocessing
   local square_dir = make_original(tower, { image_aspect_ratio = "square" })
   local plain = llava.load(square_dir):preprocess({ wide })
   check("square aspect ratio does not pad", loom.equal(plain, hf_model:preprocess({ wide })))
@@ -395,7 +395,7 @@ run("base LLaMA with mm_projector.bin", function()
   loom.save(base .. "/model.safetensors", renamed(hf_weights, { ORIGINAL_NAMES[1], ORIGINAL_NAMES[2] }))
   copy_files(TOKENIZER_FILES, base)
 
-  -- the committed file holds the tiny projector rounded to bf16
+  -- the committed file contains the tiny projector rounded to bf16
   local file = loom.load(PROJECTOR_BIN)
   local pairs_checked = 0
   for _, pair in ipairs({ { "linear_1", "0" }, { "linear_2", "2" } }) do
@@ -446,7 +446,7 @@ run("base LLaMA with mm_projector.bin", function()
   checkerror("projector config beside the file", "projector kind 'linear' does not match the checkpoint",
     llava.load, base, { projector = beside .. "/mm_projector.bin", vision_tower = tower })
 
-  -- embeddings saved beside the projector replace the base model's
+  -- embeddings saved in the projector file replace the base model's
   local with_embeddings = {}
   for name, t in pairs(file) do with_embeddings[name] = t end
   local scaled = hf_weights["language_model.model.embed_tokens.weight"] * 2

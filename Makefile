@@ -11,13 +11,21 @@ PKG_CONFIG ?= pkg-config
 # Debian packages providing each pkg-config module (see mk/deps.sh).
 PKGS := lua5.4 openblas libuv libjpeg libcjson stb readline zlib
 
+# OpenBLAS's OpenMP build (Debian libopenblas-openmp-dev): it runs its
+# threads in libgomp's pool, the same pool as Loom's own parallel loops, so
+# the two never compete for the cores. The run path makes the loader pick
+# this build over the pthread one that Debian's alternatives may select.
+MULTIARCH   := $(shell $(CC) -print-multiarch 2>/dev/null)
+OPENBLAS_DIR ?= /usr/lib/$(MULTIARCH)/openblas-openmp
+export PKG_CONFIG_PATH := $(OPENBLAS_DIR)/pkgconfig$(if $(PKG_CONFIG_PATH),:$(PKG_CONFIG_PATH))
+
 OPT     ?= -O2
 ARCHFLAGS ?= -march=native
 CFLAGS_BASE := -std=c11 -D_GNU_SOURCE -Wall -Wextra -fPIC $(OPT) $(ARCHFLAGS) -g
 DEPS_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(PKGS) 2>/dev/null)
 DEPS_LIBS   := $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null)
 CFLAGS  += $(CFLAGS_BASE) $(DEPS_CFLAGS) -Icore -fopenmp -DLOOM_HAVE_ZLIB
-LDLIBS  += $(DEPS_LIBS) -lm -lpthread -ldl -fopenmp
+LDLIBS  += $(DEPS_LIBS) -Wl,-rpath,$(OPENBLAS_DIR) -lm -lpthread -ldl -fopenmp
 
 CORE_SRC := $(wildcard core/*.c)
 # Installed headers: everything but the internal ones shared between core files.

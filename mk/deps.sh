@@ -7,7 +7,7 @@ mode=$1; shift
 pkg_for() {
     case $1 in
         lua5.4) echo liblua5.4-dev ;;
-        openblas) echo libopenblas-dev ;;
+        openblas) echo libopenblas-openmp-dev ;;
         libuv) echo libuv1-dev ;;
         libjpeg) echo libjpeg62-turbo-dev ;;
         libcjson) echo libcjson-dev ;;

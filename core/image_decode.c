@@ -163,7 +163,7 @@ static int check_pixel_limit(const char *name, loom_image_format format, uint64_
     uint64_t pixels = width * height; /* both below 2^32, so no overflow */
     if (pixels > max_pixels)
         return loom_error("%s image '%s' is %llux%llu = %llu pixels, more than the limit of %llu pixels "
-                          "(raise loom_image_decode_options.max_pixels to accept it)",
+                          "(raise the max_pixels option to accept it)",
                           loom_image_format_name(format), display_name(name), (unsigned long long)width,
                           (unsigned long long)height, (unsigned long long)pixels,
                           (unsigned long long)max_pixels);

@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "image.h"
 #include "loom_lua.h"
@@ -120,16 +121,22 @@ static const char *errno_code(int err) {
     }
 }
 
-static void read_decode_options(lua_State *L, int idx, loom_image_decode_options *o, int *rgb) {
+/* Read the options table of load/decode at idx into `o` and `keep_alpha`.
+ * opts.rgb (drop alpha) is the default, so it is accepted and ignored,
+ * except that it raises together with opts.keep_alpha. */
+static void read_decode_options(lua_State *L, int idx, loom_image_decode_options *o, int *keep_alpha) {
     memset(o, 0, sizeof *o);
-    *rgb = 0;
+    *keep_alpha = 0;
     if (lua_isnoneornil(L, idx))
         return;
     luaL_checktype(L, idx, LUA_TTABLE);
     lua_getfield(L, idx, "orient");
     o->ignore_exif_orientation = !lua_isnil(L, -1) && !lua_toboolean(L, -1);
+    lua_getfield(L, idx, "keep_alpha");
+    *keep_alpha = lua_toboolean(L, -1);
     lua_getfield(L, idx, "rgb");
-    *rgb = lua_toboolean(L, -1);
+    luaL_argcheck(L, !(*keep_alpha && lua_toboolean(L, -1)), idx,
+                  "fields 'keep_alpha' and 'rgb' contradict each other: 'rgb' drops alpha");
     lua_getfield(L, idx, "max_pixels");
     if (!lua_isnil(L, -1)) {
         int isnum;
@@ -137,20 +144,20 @@ static void read_decode_options(lua_State *L, int idx, loom_image_decode_options
         luaL_argcheck(L, isnum && v > 0, idx, "field 'max_pixels' must be a positive integer");
         o->max_pixels = (uint64_t)v;
     }
-    lua_pop(L, 3);
+    lua_pop(L, 4);
 }
 
-/* Push the tensor returned by load/decode: RGB (H, W, 3) for images
- * without alpha, RGBA (H, W, 4) for images with alpha unless `rgb` requests
- * Pillow's convert("RGB") (alpha dropped). Then push the info table. */
-static int push_decoded(lua_State *L, image_box *box, int rgb) {
+/* Push the tensor returned by load/decode: RGB (H, W, 3) as Pillow's
+ * convert("RGB") gives it (alpha dropped), or with `keep_alpha` RGBA
+ * (H, W, 4) for images with alpha. Then push the info table. */
+static int push_decoded(lua_State *L, image_box *box, int keep_alpha) {
     loom_image *img = &box->image;
     int has_alpha = img->mode == LOOM_IMAGE_MODE_LA || img->mode == LOOM_IMAGE_MODE_RGBA;
     loom_tensor *r = loom_newtensor(L);
     int rc;
-    if (img->mode == LOOM_IMAGE_MODE_RGB || (img->mode == LOOM_IMAGE_MODE_RGBA && !rgb)) {
+    if (img->mode == LOOM_IMAGE_MODE_RGB || (img->mode == LOOM_IMAGE_MODE_RGBA && keep_alpha)) {
         rc = loom_tensor_view_of(r, &img->pixels);
-    } else if (img->mode == LOOM_IMAGE_MODE_LA && !rgb) {
+    } else if (img->mode == LOOM_IMAGE_MODE_LA && keep_alpha) {
         /* gray + alpha -> RGBA, as Pillow's convert("RGBA") does */
         int64_t h = img->pixels.shape[0], w = img->pixels.shape[1];
         int64_t shape[3] = {h, w, 4};
@@ -188,26 +195,36 @@ static int push_decoded(lua_State *L, image_box *box, int rgb) {
     return 2;
 }
 
+/* Push nil, "path: reason", code for a file that cannot be opened. */
+static int push_open_failure(lua_State *L, const char *path, int err) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s: %s", path, strerror(err));
+    lua_pushstring(L, errno_code(err));
+    return 3;
+}
+
 /* loom.image.load(path, opts?) -> image, info | nil, message, code.
- * opts.orient (default true) applies the EXIF orientation, opts.rgb drops
- * alpha, opts.max_pixels caps the pixel count. Codes: an errno name such
- * as "ENOENT" when the file cannot be opened, "EDECODE" when it cannot be
- * decoded. */
+ * opts.orient (default true) applies the EXIF orientation,
+ * opts.keep_alpha keeps the alpha channel, opts.max_pixels caps the pixel
+ * count. Codes: an errno name such as "ENOENT" or "EISDIR" when the file
+ * cannot be opened, "EDECODE" when it cannot be decoded. */
 static int l_image_load(lua_State *L) {
     const char *path = luaL_checkstring(L, 1);
     loom_image_decode_options opts;
-    int rgb;
-    read_decode_options(L, 2, &opts, &rgb);
+    int keep_alpha;
+    read_decode_options(L, 2, &opts, &keep_alpha);
     lua_settop(L, 2);
     FILE *f = fopen(path, "rb");
-    if (!f) {
-        int err = errno;
-        lua_pushnil(L);
-        lua_pushfstring(L, "%s: %s", path, strerror(err));
-        lua_pushstring(L, errno_code(err));
-        return 3;
-    }
+    if (!f)
+        return push_open_failure(L, path, errno);
+
+    /* fopen succeeds on a directory; reading it would fail with EISDIR */
+    struct stat st;
+    int is_dir = fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode);
     fclose(f);
+    if (is_dir)
+        return push_open_failure(L, path, EISDIR);
+
     image_box *box = new_image_box(L);
     if (loom_image_load(&box->image, path, &opts) != LOOM_OK) {
         lua_pushnil(L);
@@ -215,7 +232,7 @@ static int l_image_load(lua_State *L) {
         lua_pushliteral(L, "EDECODE");
         return 3;
     }
-    return push_decoded(L, box, rgb);
+    return push_decoded(L, box, keep_alpha);
 }
 
 /* loom.image.decode(bytes, name?, opts?): load() from a string in memory. */
@@ -224,8 +241,8 @@ static int l_image_decode(lua_State *L) {
     const char *data = luaL_checklstring(L, 1, &size);
     const char *name = luaL_optstring(L, 2, NULL);
     loom_image_decode_options opts;
-    int rgb;
-    read_decode_options(L, 3, &opts, &rgb);
+    int keep_alpha;
+    read_decode_options(L, 3, &opts, &keep_alpha);
     lua_settop(L, 3);
     image_box *box = new_image_box(L);
     if (loom_image_decode(&box->image, data, size, name, &opts) != LOOM_OK) {
@@ -234,7 +251,7 @@ static int l_image_decode(lua_State *L) {
         lua_pushliteral(L, "EDECODE");
         return 3;
     }
-    return push_decoded(L, box, rgb);
+    return push_decoded(L, box, keep_alpha);
 }
 
 /* ---------------------------------------------------------------------------

@@ -116,7 +116,7 @@ local function read_shots(path)
         error(string.format("%s: missing \"text\" (or \"question\" and \"answer\")", where), 0)
       end
       local image = shot.image:sub(1, 1) == "/" and shot.image or (folder .. "/" .. shot.image)
-      local img, load_error = require("loom").image.load(image)
+      local img, load_error = require("loom").image.load(image, { keep_alpha = true })
       if img == nil then
         f:close()
         error(string.format("%s: cannot load the shot's image: %s", where, load_error), 0)
@@ -146,7 +146,7 @@ end
 local opts = parse(arg or {})
 local ok, err = pcall(function()
   local prompt = read_shots(opts.shots)
-  local query, load_error = require("loom").image.load(opts.image)
+  local query, load_error = require("loom").image.load(opts.image, { keep_alpha = true })
   if query == nil then error(string.format("cannot load the query image: %s", load_error), 0) end
   prompt[#prompt + 1] = query
   if opts.prompt ~= "" then prompt[#prompt + 1] = opts.prompt end

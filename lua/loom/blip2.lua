@@ -372,7 +372,7 @@ function Model:preprocess(images)
         error("images need preprocessing, but no preprocessor_config.json was loaded", 2)
       end
       if type(img) == "string" then
-        local decoded, err = image.load(img)
+        local decoded, err = image.load(img, { keep_alpha = true })
         if decoded == nil then error(err, 2) end
         img = decoded
       end

@@ -156,7 +156,7 @@ function Model:preprocess(img)
   end
   local image = require("loom").image
   if type(img) == "string" then
-    local decoded, err = image.load(img)
+    local decoded, err = image.load(img, { keep_alpha = true })
     if decoded == nil then error(string.format("cannot load image '%s': %s", img, err), 2) end
     img = decoded
   end

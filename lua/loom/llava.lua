@@ -256,7 +256,7 @@ function Model:preprocess(images)
         error(string.format("no preprocessor_config.json was loaded from '%s' to preprocess images", self.dir), 2)
       end
       if type(img) == "string" then
-        local decoded, err = image.load(img)
+        local decoded, err = image.load(img, { keep_alpha = true })
         if decoded == nil then error(err, 2) end
         img = decoded
       end

@@ -1100,6 +1100,8 @@ static void test_pixel_limit(void) {
     CHECK_ERROR(decode(&img, &png, "bomb.png", NULL), "16384x16384 = 268435456 pixels");
     CHECK(strstr(loom_last_error(), "limit of 178956970 pixels") != NULL, "bomb error: %s", loom_last_error());
     CHECK(strstr(loom_last_error(), "bomb.png") != NULL, "bomb error: %s", loom_last_error());
+    CHECK(strstr(loom_last_error(), "(raise the max_pixels option to accept it)") != NULL, "bomb error: %s",
+          loom_last_error());
     free(png.p);
 
     /* The same check through libjpeg's header, and the boundary. */

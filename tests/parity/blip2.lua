@@ -50,7 +50,7 @@ local function check_preprocess(dir, model, inputs, values, report)
     report:skip("preprocess", "no single source image, no pixel_values or no image binding")
     return
   end
-  local image, err = loom.image.load(path)
+  local image, err = loom.image.load(path, { keep_alpha = true })
   if image == nil then report:error("preprocess", err) return end
   local pixels, u8 = loom.image.preprocess(image, model.preprocessor)
   if inputs.resized_u8_chw and u8 then

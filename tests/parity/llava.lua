@@ -38,7 +38,7 @@ local function check_preprocess(dir, model, inputs, values, report)
     report:skip("preprocess", "no single source image or no pixel_values in inputs.safetensors")
     return
   end
-  local image, err = loom.image.load(path)
+  local image, err = loom.image.load(path, { keep_alpha = true })
   if image == nil then report:error("preprocess", err) return end
   local pixels, u8 = loom.image.preprocess(image, model.preprocessor)
   if inputs.resized_cropped_u8_chw and u8 then

@@ -59,7 +59,7 @@ function M.run(dir, report)
       if path == nil then
         report:error(label, "no image file images/" .. stem .. ".* for this reference")
       else
-        local image, err = loom.image.load(path)
+        local image, err = loom.image.load(path, { keep_alpha = true })
         if image == nil then
           report:error(label, err)
         else

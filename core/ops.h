@@ -83,7 +83,9 @@ int loom_matmul(loom_tensor *out, const loom_tensor *a, const loom_tensor *b);
 /* Which kernel the linear operator uses for 16-bit weights. */
 typedef enum loom_linear_path {
     LOOM_PATH_F32 = 0, /* 16-bit weights widened to f32, f32 products: matches the reference */
-    LOOM_PATH_BF16 = 1 /* activations rounded to bf16, AVX512-BF16 dot products: fast path */
+    LOOM_PATH_BF16 = 1 /* fast path: activations (and f16 weights) rounded to bf16, f32 sums,
+                        * on AMX-BF16 tiles, else AVX512-BF16, else as LOOM_PATH_F32. f32
+                        * weights take sgemm on both paths */
 } loom_linear_path;
 void loom_set_linear_path(loom_linear_path path);
 loom_linear_path loom_get_linear_path(void);

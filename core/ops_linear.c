@@ -2,7 +2,8 @@
  * cblas_sgemm. With f16/bf16 weights and few rows of x (decoding), an AVX-512
  * kernel reads the weights in place. With many rows, the weight is either
  * widened to f32 block by block for sgemm (LOOM_PATH_F32), or multiplied with
- * bf16-rounded activations by an AVX512-BF16 GEMM (LOOM_PATH_BF16). */
+ * bf16-rounded activations (LOOM_PATH_BF16) by the AMX-BF16 GEMM of
+ * ops_linear_amx.c or, without AMX, the AVX512-BF16 GEMM here. */
 #include <immintrin.h>
 #include <limits.h>
 #include <omp.h>
@@ -10,6 +11,7 @@
 
 #include "ops_blas.h"
 #include "ops_internal.h"
+#include "ops_linear_internal.h"
 
 /* Rows of x up to which 16-bit weights go through the few-row kernel. Beyond
  * this the kernel's x loads per weight element make it slower than a GEMM. */
@@ -56,6 +58,25 @@ static bool cpu_has_avx512(void) {
 
 static bool cpu_has_avx512bf16(void) {
     return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
+
+/* ---- choice of the LOOM_PATH_BF16 kernel */
+
+static _Atomic int pinned_bf16_kernel = LOOM_BF16_KERNEL_AUTO;
+
+void loom_linear_pin_bf16_kernel(loom_bf16_kernel kernel) {
+    atomic_store(&pinned_bf16_kernel, (int)kernel);
+}
+
+loom_bf16_kernel loom_linear_bf16_kernel(void) {
+    int kernel = atomic_load(&pinned_bf16_kernel);
+    if (kernel == LOOM_BF16_KERNEL_AUTO || kernel == LOOM_BF16_KERNEL_AMX) {
+        if (loom_amx_bf16_usable()) return LOOM_BF16_KERNEL_AMX;
+        kernel = LOOM_BF16_KERNEL_AVX512BF16;
+    }
+    if (kernel == LOOM_BF16_KERNEL_AVX512BF16 && cpu_has_avx512bf16())
+        return LOOM_BF16_KERNEL_AVX512BF16;
+    return LOOM_BF16_KERNEL_F32;
 }
 
 /* Threads for a job touching `work` elements: all of OpenMP's, unless the job
@@ -267,10 +288,11 @@ static int linear_widened(float *c, const loom_blas_mat *xm, const loom_tensor *
     int64_t esize = (int64_t)loom_dtype_size(w->dtype);
     for (int64_t n0 = 0; n0 < n_out; n0 += block) {
         int64_t nb = n_out - n0 < block ? n_out - n0 : block;
-        /* NOTE: one thread on purpose. OpenMP workers keep spinning for a
-         * while after a parallel region, so they compete with OpenBLAS's own
-         * threads in the sgemm that follows. On a 2-core machine that made
-         * this route about 2.5 times slower than widening serially. */
+        /* Widening on every thread no longer slows the sgemm that follows,
+         * because OpenBLAS and these loops share libgomp's threads. With two
+         * thread pools on 2 cores, the spinning workers had slowed it 2.5 times. */
+        int nt = threads_for(nb * k_len);
+#pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t i = 0; i < nb; i++)
             widen_row(buf + i * k_len, (const uint16_t *)(wdata + (n0 + i) * w->strides[0] * esize),
                       k_len, w->strides[1], w->dtype);
@@ -584,8 +606,9 @@ static int linear_compute(float *c, const loom_tensor *x, int64_t rows, const lo
     }
 
     bool small = rows <= GEMV_MAX_ROWS && cpu_has_avx512();
-    bool fast = !small && loom_get_linear_path() == LOOM_PATH_BF16 && cpu_has_avx512bf16();
-    if (!small && !fast) {
+    loom_bf16_kernel kernel = LOOM_BF16_KERNEL_F32;
+    if (!small && loom_get_linear_path() == LOOM_PATH_BF16) kernel = loom_linear_bf16_kernel();
+    if (!small && kernel == LOOM_BF16_KERNEL_F32) {
         rc = linear_widened(c, &xm, weight, n_out, bias);
     } else {
         /* Both kernels read weight rows with unit stride. */
@@ -597,8 +620,12 @@ static int linear_compute(float *c, const loom_tensor *x, int64_t rows, const lo
         if (rc == LOOM_OK) {
             const uint16_t *wp = loom_tensor_data(w);
             int64_t ldw = n_out > 1 ? w->strides[0] : k_len;
-            rc = small ? linear_gemv16(c, &xm, wp, ldw, w->dtype, n_out, bias)
-                       : linear_bf16(c, &xm, wp, ldw, w->dtype, n_out, bias);
+            if (small)
+                rc = linear_gemv16(c, &xm, wp, ldw, w->dtype, n_out, bias);
+            else if (kernel == LOOM_BF16_KERNEL_AMX)
+                rc = loom_linear_amx(c, &xm, wp, ldw, w->dtype, n_out, bias);
+            else
+                rc = linear_bf16(c, &xm, wp, ldw, w->dtype, n_out, bias);
         }
     }
     loom_tensor_free(&xcopy);

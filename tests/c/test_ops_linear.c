@@ -1,12 +1,16 @@
 /* Tests of loom_linear and loom_matmul against double-precision loops over
  * the same (already rounded) input values, on random seeded shapes, strided
- * views, 16-bit weights on both linear paths, and the error messages. */
+ * views, 16-bit weights on both linear paths, each kernel of LOOM_PATH_BF16
+ * (AMX, AVX512-BF16 and the f32 fallback) on one and two threads, and the
+ * error messages. */
 #include <float.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 #include "check.h"
 #include "ops.h"
+#include "ops_linear_internal.h"
 
 /* Unit roundoff of f32 (2^-24). */
 #define U32 (FLT_EPSILON / 2)
@@ -267,6 +271,183 @@ static void test_linear_path_setting(void) {
     CHECK(loom_get_linear_path() == LOOM_PATH_F32, "path did not change back");
 }
 
+
+/* ---- the kernels of LOOM_PATH_BF16, one by one */
+
+static const char *kernel_name(loom_bf16_kernel k) {
+    switch (k) {
+    case LOOM_BF16_KERNEL_AUTO: return "auto";
+    case LOOM_BF16_KERNEL_AMX: return "amx";
+    case LOOM_BF16_KERNEL_AVX512BF16: return "avx512bf16";
+    case LOOM_BF16_KERNEL_F32: return "f32";
+    }
+    return "?";
+}
+
+/* Value of element i of a 16-bit or f32 tensor as the bf16 kernels see it:
+ * rounded to bf16 (nearest even) unless it already is bf16. */
+static double as_bf16(const loom_tensor *t, int64_t i) {
+    float v = (float)loom_tensor_get_flat(t, i);
+    return t->dtype == LOOM_BF16 ? v : loom_bf16_to_f32(loom_f32_to_bf16(v));
+}
+
+typedef struct kernel_case {
+    int64_t m, k, n;
+    loom_dtype wdtype;
+    int xlayout, wlayout;
+    bool bias;
+} kernel_case;
+
+/* Run one case with `kernel` pinned on `threads` threads. The reference
+ * rounds x (and an f16 weight) to bf16 for the bf16 kernels and not for the
+ * f32 fallback, and the tolerance is only that of f32 summation, (k + 2) u
+ * sum |terms|: so a kernel that rounds when it should not (or the reverse)
+ * fails by about 2^-9 relative, far outside it. */
+static void run_kernel_case(const kernel_case *kc, loom_bf16_kernel kernel, int threads) {
+    loom_tensor x = random_matrix(LOOM_F32, kc->m, kc->k, kc->xlayout);
+    loom_tensor w = random_matrix(kc->wdtype, kc->n, kc->k, kc->wlayout);
+    loom_tensor b = LOOM_TENSOR_EMPTY, y = LOOM_TENSOR_EMPTY;
+    if (kc->bias) b = random_tensor(LOOM_F32, 1, &kc->n);
+
+    int saved_threads = omp_get_max_threads();
+    omp_set_num_threads(threads);
+    loom_linear_pin_bf16_kernel(kernel);
+    loom_set_linear_path(LOOM_PATH_BF16);
+    CHECK_OK(loom_linear(&y, &x, &w, kc->bias ? &b : NULL));
+    loom_set_linear_path(LOOM_PATH_F32);
+    loom_linear_pin_bf16_kernel(LOOM_BF16_KERNEL_AUTO);
+    omp_set_num_threads(saved_threads);
+
+    bool rounded = kernel != LOOM_BF16_KERNEL_F32;
+    int bad = 0;
+    double worst = 0;
+    for (int64_t i = 0; i < kc->m && y.storage; i++) {
+        for (int64_t j = 0; j < kc->n; j++) {
+            double sum = 0, mag = 0;
+            for (int64_t kk = 0; kk < kc->k; kk++) {
+                double xv = rounded ? as_bf16(&x, i * kc->k + kk) : loom_tensor_get_flat(&x, i * kc->k + kk);
+                double wv = rounded ? as_bf16(&w, j * kc->k + kk) : loom_tensor_get_flat(&w, j * kc->k + kk);
+                sum += xv * wv;
+                mag += fabs(xv * wv);
+            }
+            double bj = kc->bias ? loom_tensor_get_flat(&b, j) : 0.0;
+            double tol = (kc->k + 2) * U32 * (mag + fabs(bj)) + 1e-30;
+            double err = fabs(loom_tensor_get_flat(&y, i * kc->n + j) - (sum + bj));
+            if (err > tol) bad++;
+            if (err / tol > worst) worst = err / tol;
+        }
+    }
+    CHECK(bad == 0,
+          "kernel %s, %d threads, x (%lld, %lld) layout %d, w %s (%lld, %lld) layout %d, bias %d: "
+          "%d of %lld values outside tolerance (worst error/tol %.3g)",
+          kernel_name(kernel), threads, (long long)kc->m, (long long)kc->k, kc->xlayout,
+          loom_dtype_name(kc->wdtype), (long long)kc->n, (long long)kc->k, kc->wlayout, kc->bias, bad,
+          (long long)(kc->m * kc->n), worst);
+
+    loom_tensor_free(&x);
+    loom_tensor_free(&w);
+    loom_tensor_free(&b);
+    loom_tensor_free(&y);
+}
+
+/* On a machine with AMX (and so AVX512-BF16) every kernel is reachable by
+ * pinning. Elsewhere the pins fall back, and a printed note names the
+ * missing feature. */
+static void test_bf16_kernel_selection(void) {
+    loom_linear_pin_bf16_kernel(LOOM_BF16_KERNEL_F32);
+    CHECK(loom_linear_bf16_kernel() == LOOM_BF16_KERNEL_F32, "pinned f32, got %s",
+          kernel_name(loom_linear_bf16_kernel()));
+
+    bool bf16 = __builtin_cpu_supports("avx512bf16");
+    loom_linear_pin_bf16_kernel(LOOM_BF16_KERNEL_AVX512BF16);
+    loom_bf16_kernel want = bf16 ? LOOM_BF16_KERNEL_AVX512BF16 : LOOM_BF16_KERNEL_F32;
+    CHECK(loom_linear_bf16_kernel() == want, "pinned avx512bf16, got %s, expected %s",
+          kernel_name(loom_linear_bf16_kernel()), kernel_name(want));
+
+    bool amx = loom_amx_bf16_usable();
+    want = amx ? LOOM_BF16_KERNEL_AMX : want;
+    loom_linear_pin_bf16_kernel(LOOM_BF16_KERNEL_AMX);
+    CHECK(loom_linear_bf16_kernel() == want, "pinned amx, got %s, expected %s",
+          kernel_name(loom_linear_bf16_kernel()), kernel_name(want));
+    loom_linear_pin_bf16_kernel(LOOM_BF16_KERNEL_AUTO);
+    CHECK(loom_linear_bf16_kernel() == want, "auto gave %s, expected %s",
+          kernel_name(loom_linear_bf16_kernel()), kernel_name(want));
+    if (!amx || !bf16)
+        printf("note: this CPU lacks %s, so the pinned kernel tests run the fallback\n",
+               amx ? "AVX512-BF16" : "AMX-BF16");
+}
+
+static void test_bf16_kernels(void) {
+    const kernel_case cases[] = {
+        /* below one tile in every dimension */
+        {9, 5, 3, LOOM_BF16, 0, 0, true},
+        /* one row past a tile, k past one 32-input step, n past a tile */
+        {17, 33, 17, LOOM_BF16, 0, 0, true},
+        /* every tile shape of the kernel: 2x2, 2x1 and 1x2 pairs, 1x1 */
+        {48, 64, 48, LOOM_BF16, 0, 0, false},
+        {33, 100, 70, LOOM_F16, 0, 0, true},
+        /* k over two K blocks of the AMX kernel (4096 inputs each), with edge
+         * tiles whose sums continue from the first block */
+        {37, 4133, 70, LOOM_BF16, 0, 0, true},
+        {20, 4097, 129, LOOM_F16, 0, 0, false},
+        /* transposed x and weight, narrowed (row-strided) weight */
+        {40, 96, 50, LOOM_BF16, 1, 1, true},
+        {29, 130, 65, LOOM_F16, 2, 2, true},
+        /* large enough for the threaded split: by column blocks, then by rows */
+        {45, 1500, 200, LOOM_BF16, 0, 0, true},
+        {300, 1500, 40, LOOM_BF16, 0, 0, true},
+        {131, 1100, 150, LOOM_F16, 1, 0, false},
+    };
+    const loom_bf16_kernel kernels[3] = {LOOM_BF16_KERNEL_AMX, LOOM_BF16_KERNEL_AVX512BF16,
+                                         LOOM_BF16_KERNEL_F32};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        for (int kk = 0; kk < 3; kk++)
+            for (int threads = 1; threads <= 2; threads++) run_kernel_case(&cases[i], kernels[kk], threads);
+}
+
+/* Random small shapes through the AMX kernel, whose tile edges (16 rows,
+ * 16 columns, 32 inputs) every dimension crosses somewhere. */
+static void test_amx_random_shapes(void) {
+    for (int i = 0; i < 40; i++) {
+        kernel_case kc = {
+            .m = rng_int(9, 80), .k = rng_int(1, 200), .n = rng_int(1, 150),
+            .wdtype = rng_int(0, 1) ? LOOM_BF16 : LOOM_F16,
+            .xlayout = (int)rng_int(0, 2), .wlayout = (int)rng_int(0, 2), .bias = rng_int(0, 1),
+        };
+        run_kernel_case(&kc, LOOM_BF16_KERNEL_AMX, (int)rng_int(1, 2));
+    }
+}
+
+/* Infinities and NaN in x reach the output of the AMX kernel. */
+static void test_amx_special_values(void) {
+    int64_t xs[2] = {20, 40}, ws[2] = {18, 40};
+    loom_tensor x = random_tensor(LOOM_F32, 2, xs), w = random_tensor(LOOM_BF16, 2, ws);
+    float *xp = loom_tensor_data(&x);
+    xp[3 * 40 + 7] = INFINITY;
+    xp[11 * 40 + 39] = NAN;
+    loom_tensor y = LOOM_TENSOR_EMPTY;
+    loom_linear_pin_bf16_kernel(LOOM_BF16_KERNEL_AMX);
+    loom_set_linear_path(LOOM_PATH_BF16);
+    CHECK_OK(loom_linear(&y, &x, &w, NULL));
+    loom_set_linear_path(LOOM_PATH_F32);
+    loom_linear_pin_bf16_kernel(LOOM_BF16_KERNEL_AUTO);
+    if (y.storage) {
+        const float *yp = loom_tensor_data(&y);
+        bool row3 = true, row11 = true, others = true;
+        for (int64_t j = 0; j < 18; j++) {
+            row3 &= isinf(yp[3 * 18 + j]) || isnan(yp[3 * 18 + j]);
+            row11 &= isnan(yp[11 * 18 + j]);
+            others &= isfinite(yp[4 * 18 + j]);
+        }
+        CHECK(row3, "an infinite x should give inf or NaN across its row");
+        CHECK(row11, "a NaN in x should give NaN across its row");
+        CHECK(others, "rows without special values should stay finite");
+    }
+    loom_tensor_free(&x);
+    loom_tensor_free(&w);
+    loom_tensor_free(&y);
+}
+
 /* ---- matmul */
 
 /* Fill idx with t's batch indices for the broadcast batch index out_idx
@@ -452,6 +633,10 @@ static void test_matmul_errors(void) {
 
 int main(void) {
     test_linear_path_setting();
+    test_bf16_kernel_selection();
+    test_bf16_kernels();
+    test_amx_random_shapes();
+    test_amx_special_values();
     test_linear_fixed_cases();
     test_linear_random_cases();
     test_linear_out_and_edges();

@@ -1,0 +1,416 @@
+/* The AMX-BF16 GEMM of LOOM_PATH_BF16: y = x @ w^T + bias with x rounded to
+ * bf16 and f32 sums, on the tile unit of Intel CPUs since Sapphire Rapids.
+ * Only the functions here are compiled for AMX (function-level target
+ * attributes), so the rest of the library runs on CPUs without it. */
+#include <immintrin.h>
+#include <omp.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 12
+#include <cpuid.h>
+#endif
+
+#include "ops_internal.h"
+#include "ops_linear_internal.h"
+
+/* Linux's arch_prctl requests for extended CPU state (asm/prctl.h) and the
+ * state component of the tile data (XFEATURE_XTILEDATA). */
+#define ARCH_GET_XCOMP_PERM 0x1022
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* Every tile is 16 rows of 64 bytes: C tiles hold 16 x 16 f32, x tiles 16
+ * rows of 32 bf16 inputs, and weight tiles 16 k-pairs of 16 output columns,
+ * each column's pair (k, k + 1) as one 32-bit word. One TDPBF16PS step
+ * covers TILE_K = 32 inputs. */
+#define TILE_ROWS 16
+#define TILE_K 32
+#define TILE_ELEMS (TILE_ROWS * TILE_K) /* bf16 elements per x or weight tile */
+
+/* Output columns per unit of work (four weight tiles), and input steps per
+ * block of K. A thread packs AMX_NB weight rows by up to AMX_KB steps (512
+ * KiB at most) at a time and runs every row tile of x against them before
+ * the next block, so the block stays in its L2 while the x tiles are read
+ * from the shared cache. On the 2-core Sapphire Rapids this was tuned on
+ * (bench/bench_ops.c), 32 steps per block gave 1.55 TFLOPS for 577 x 4096 x
+ * 1024 and 128 steps 1.8, and both about 2.05 for 577 x 1024 x 4096. */
+#define AMX_NB 64
+#define AMX_KB 128
+
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* ---- the run-time check */
+
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+static bool amx_usable;
+
+static bool cpu_has_amx_bf16(void) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+    return __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+           __builtin_cpu_supports("avx512bf16");
+#else
+    /* CPUID leaf 7: EDX bit 22 is AMX-BF16, bit 24 AMX-TILE. */
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return (d >> 22 & 1) && (d >> 24 & 1) && __builtin_cpu_supports("avx512bf16");
+#endif
+}
+
+/* Ask Linux for the tile data state: without it the first tile instruction
+ * raises SIGILL. The grant is per process and covers every thread. */
+static void amx_request(void) {
+    if (!cpu_has_amx_bf16()) return;
+    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) {
+        loom_log(LOOM_LOG_DEBUG, "linear: the kernel refused AMX tile data, using AVX512-BF16");
+        return;
+    }
+    unsigned long granted = 0;
+    if (syscall(SYS_arch_prctl, ARCH_GET_XCOMP_PERM, &granted) != 0) return;
+    amx_usable = (granted >> XFEATURE_XTILEDATA) & 1;
+}
+
+bool loom_amx_bf16_usable(void) {
+    pthread_once(&amx_once, amx_request);
+    return amx_usable;
+}
+
+/* ---- tile configuration (the 64-byte operand of LDTILECFG) */
+
+typedef struct tile_config {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Tiles 0-3 accumulate C, 4-5 hold x tiles, 6-7 weight tiles. */
+AMX_TARGET static void tile_setup(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.colsb[i] = 64;
+        cfg.rows[i] = TILE_ROWS;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* ---- packing */
+
+/* Transpose a 16x16 block of 32-bit words: col[c] receives word c of
+ * row[0..15]. Three stages (32-bit, 64-bit, 128-bit lanes) of shuffles. */
+AMX_TARGET static inline void transpose16x16(const __m512i row[16], __m512i col[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(row[2 * i], row[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(row[2 * i], row[2 * i + 1]);
+    }
+    /* u[4g + c] contains words c, c + 4, c + 8, c + 12 of rows 4g .. 4g + 3, one per 128-bit lane. */
+    for (int g = 0; g < 4; g++) {
+        u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);
+        __m512i v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+        __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+        __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+        col[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        col[c + 8] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+        col[c + 4] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        col[c + 12] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+    }
+}
+
+/* Mask of the first `left` of 16 lanes (all for left >= 16, none for <= 0). */
+static inline __mmask16 lanes(int64_t left) {
+    if (left >= 16) return 0xFFFF;
+    if (left <= 0) return 0;
+    return (__mmask16)((1u << left) - 1);
+}
+
+/* Round 32 floats (src[0 .. n), zeros after) to bf16, nearest even. */
+AMX_TARGET static inline __m512i bf16x32(const float *src, int64_t n) {
+    __m512 lo = _mm512_maskz_loadu_ps(lanes(n), src);
+    __m512 hi = _mm512_maskz_loadu_ps(lanes(n - 16), src + 16);
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* Write x row tile `mt` (rows mt*16 .. +16 of the M rows) as ksteps tiles of
+ * 16 rows by 32 bf16, zero beyond M and K, consecutive in dst. `row` is
+ * scratch for one row of K floats, used when x is a transposed view. */
+AMX_TARGET static void pack_x_tile(uint16_t *dst, const loom_blas_mat *xm, int64_t mt,
+                                   int64_t ksteps, float *row) {
+    int64_t k_len = xm->cols;
+    for (int r = 0; r < TILE_ROWS; r++) {
+        int64_t m = mt * TILE_ROWS + r;
+        const float *src = NULL;
+        if (m < xm->rows) {
+            src = xm->p + m * xm->ld;
+            if (xm->trans == CblasTrans) {
+                for (int64_t k = 0; k < k_len; k++) row[k] = xm->p[k * xm->ld + m];
+                src = row;
+            }
+        }
+        for (int64_t ks = 0; ks < ksteps; ks++) {
+            __m512i v = src ? bf16x32(src + ks * TILE_K, k_len - ks * TILE_K) : _mm512_setzero_si512();
+            _mm512_store_si512(dst + ks * TILE_ELEMS + r * TILE_K, v);
+        }
+    }
+}
+
+/* 32 weights of row n from input k0 (zeros past K) as bf16. */
+AMX_TARGET static inline __m512i weight_row32(const uint16_t *w, int64_t k0, int64_t k_len,
+                                              bool is_f16) {
+    int64_t left = k_len - k0;
+    __mmask32 mask = left >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
+    __m512i v = _mm512_maskz_loadu_epi16(mask, w + k0);
+    if (!is_f16) return v;
+    __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
+    __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(v, 1));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* Pack weight rows n0 .. n0 + ntiles * 16 (zeros past N) over steps
+ * ks0 .. ks0 + ksteps into tiles: tile (j, s) at dst + (j * ksteps + s) *
+ * TILE_ELEMS has row p = k-pair (k0 + 2p, k0 + 2p + 1) of 16 columns. */
+AMX_TARGET static void pack_w_block(uint16_t *dst, const uint16_t *w, int64_t ldw, bool is_f16,
+                                    int64_t n_out, int64_t k_len, int64_t n0, int ntiles,
+                                    int64_t ks0, int64_t ksteps) {
+    for (int j = 0; j < ntiles; j++) {
+        for (int64_t s = 0; s < ksteps; s++) {
+            int64_t k0 = (ks0 + s) * TILE_K;
+            __m512i row[16], col[16];
+            for (int i = 0; i < 16; i++) {
+                int64_t n = n0 + j * 16 + i;
+                row[i] = n < n_out ? weight_row32(w + n * ldw, k0, k_len, is_f16)
+                                   : _mm512_setzero_si512();
+            }
+            transpose16x16(row, col);
+            __m512i *t = (__m512i *)(dst + (j * ksteps + s) * TILE_ELEMS);
+            for (int p = 0; p < 16; p++) _mm512_store_si512(t + p, col[p]);
+        }
+    }
+}
+
+/* ---- the tile kernel */
+
+/* One C tile: where its 16 x 16 floats live during the kernel (`p`, `ld`
+ * bytes between rows) and, for a tile cut by the edge of C, where they go. */
+typedef struct c_tile {
+    float *p;
+    int64_t ld;
+    float *dst;      /* NULL when p points into C itself */
+    int64_t ldc;     /* floats between rows of C */
+    int rows, cols;  /* the part inside C */
+} c_tile;
+
+/* Point t at C's tile (m0, n0) when it lies wholly inside the (M, N) matrix,
+ * else at the scratch tile, copying the existing part of C in when the sum
+ * continues from an earlier K block. */
+AMX_TARGET static void c_tile_open(c_tile *t, float *c, int64_t ldc, int64_t m_len,
+                                   int64_t n_len, int64_t m0, int64_t n0, float *scratch,
+                                   bool continuing) {
+    int64_t rows = m_len - m0, cols = n_len - n0;
+    if (rows >= TILE_ROWS && cols >= 16) {
+        *t = (c_tile){.p = c + m0 * ldc + n0, .ld = ldc * (int64_t)sizeof(float)};
+        return;
+    }
+    *t = (c_tile){.p = scratch, .ld = 64, .dst = c + m0 * ldc + n0, .ldc = ldc,
+                  .rows = rows < TILE_ROWS ? (int)rows : TILE_ROWS, .cols = cols < 16 ? (int)cols : 16};
+    if (continuing) {
+        __mmask16 mask = lanes(t->cols);
+        for (int r = 0; r < t->rows; r++)
+            _mm512_store_ps(scratch + r * 16, _mm512_maskz_loadu_ps(mask, t->dst + r * ldc));
+    }
+}
+
+AMX_TARGET static void c_tile_close(const c_tile *t) {
+    if (t->dst == NULL) return;
+    __mmask16 mask = lanes(t->cols);
+    for (int r = 0; r < t->rows; r++)
+        _mm512_mask_storeu_ps(t->dst + r * t->ldc, mask, _mm512_load_ps(t->p + r * 16));
+}
+
+/* C tiles (i, j) for i < MTN row tiles and j < NTN column tiles (each 1 or
+ * 2) += the x tiles a[i] times the weight tiles b[j] over `steps` consecutive
+ * tiles of each. On the first K block (`first`) the sum starts from the bias
+ * (16 floats per column tile, loaded with row stride 0) instead of C. */
+#define TILE_KERNEL(NAME, MTN, NTN)                                                             \
+    AMX_TARGET static void NAME(const uint16_t *a0, const uint16_t *a1, const uint16_t *b0,    \
+                                const uint16_t *b1, int64_t steps, const c_tile *c,           \
+                                const float *bias0, const float *bias1, bool first) {          \
+        if (first) {                                                                           \
+            _tile_loadd(0, bias0, 0);                                                          \
+            if (NTN == 2) _tile_loadd(1, bias1, 0);                                            \
+            if (MTN == 2) _tile_loadd(2, bias0, 0);                                            \
+            if (MTN == 2 && NTN == 2) _tile_loadd(3, bias1, 0);                                \
+        } else {                                                                               \
+            _tile_loadd(0, c[0].p, c[0].ld);                                                   \
+            if (NTN == 2) _tile_loadd(1, c[1].p, c[1].ld);                                     \
+            if (MTN == 2) _tile_loadd(2, c[2].p, c[2].ld);                                     \
+            if (MTN == 2 && NTN == 2) _tile_loadd(3, c[3].p, c[3].ld);                         \
+        }                                                                                      \
+        for (int64_t s = 0; s < steps; s++) {                                                  \
+            _tile_loadd(4, a0 + s * TILE_ELEMS, 64);                                           \
+            if (MTN == 2) _tile_loadd(5, a1 + s * TILE_ELEMS, 64);                             \
+            _tile_loadd(6, b0 + s * TILE_ELEMS, 64);                                           \
+            if (NTN == 2) _tile_loadd(7, b1 + s * TILE_ELEMS, 64);                             \
+            _tile_dpbf16ps(0, 4, 6);                                                           \
+            if (NTN == 2) _tile_dpbf16ps(1, 4, 7);                                             \
+            if (MTN == 2) _tile_dpbf16ps(2, 5, 6);                                             \
+            if (MTN == 2 && NTN == 2) _tile_dpbf16ps(3, 5, 7);                                 \
+        }                                                                                      \
+        _tile_stored(0, c[0].p, c[0].ld);                                                      \
+        if (NTN == 2) _tile_stored(1, c[1].p, c[1].ld);                                        \
+        if (MTN == 2) _tile_stored(2, c[2].p, c[2].ld);                                        \
+        if (MTN == 2 && NTN == 2) _tile_stored(3, c[3].p, c[3].ld);                            \
+    }
+TILE_KERNEL(tile_kernel_2x2, 2, 2)
+TILE_KERNEL(tile_kernel_2x1, 2, 1)
+TILE_KERNEL(tile_kernel_1x2, 1, 2)
+TILE_KERNEL(tile_kernel_1x1, 1, 1)
+
+/* ---- the GEMM */
+
+typedef struct amx_job {
+    const uint16_t *xp;   /* packed x: row tile mt, step s at (mt * ksteps + s) * TILE_ELEMS */
+    int64_t m_len, n_len, k_len, ksteps;
+    const uint16_t *w;
+    int64_t ldw;
+    bool w_is_f16;
+    float *c;
+    const float *bias;    /* n_blocks * AMX_NB floats, zero padded (zeros when there is no bias) */
+    int64_t m_parts;      /* row ranges per column block */
+    int64_t mtiles;
+} amx_job;
+
+/* Run row tiles mt0 .. mt1 against the packed weight block (column tiles
+ * from n0, `ntiles` of them) over steps ks0 .. ks0 + ksteps. */
+AMX_TARGET static void amx_block(const amx_job *job, const uint16_t *wp, int64_t n0, int ntiles,
+                                 int64_t mt0, int64_t mt1, int64_t ks0, int64_t ksteps,
+                                 float *scratch) {
+    bool first = ks0 == 0;
+    int64_t ldc = job->n_len;
+    for (int64_t mt = mt0; mt < mt1; mt += 2) {
+        int mtn = mt + 1 < mt1 ? 2 : 1;
+        const uint16_t *a0 = job->xp + (mt * job->ksteps + ks0) * TILE_ELEMS;
+        const uint16_t *a1 = mtn == 2 ? a0 + job->ksteps * TILE_ELEMS : a0;
+        for (int j = 0; j < ntiles; j += 2) {
+            int ntn = j + 1 < ntiles ? 2 : 1;
+            const uint16_t *b0 = wp + j * ksteps * TILE_ELEMS;
+            const uint16_t *b1 = ntn == 2 ? b0 + ksteps * TILE_ELEMS : b0;
+            int64_t nj = n0 + j * 16;
+            c_tile c[4];
+            for (int i = 0; i < mtn; i++)
+                for (int jj = 0; jj < ntn; jj++)
+                    c_tile_open(&c[i * 2 + jj], job->c, ldc, job->m_len, job->n_len,
+                                (mt + i) * TILE_ROWS, nj + jj * 16, scratch + (i * 2 + jj) * 256,
+                                !first);
+            /* The kernels name C tiles 0, 1 (first row tile) and 2, 3. */
+            const float *bias0 = job->bias + nj, *bias1 = bias0 + 16;
+            if (mtn == 2 && ntn == 2)
+                tile_kernel_2x2(a0, a1, b0, b1, ksteps, c, bias0, bias1, first);
+            else if (mtn == 2)
+                tile_kernel_2x1(a0, a1, b0, b1, ksteps, c, bias0, bias1, first);
+            else if (ntn == 2)
+                tile_kernel_1x2(a0, a1, b0, b1, ksteps, c, bias0, bias1, first);
+            else
+                tile_kernel_1x1(a0, a1, b0, b1, ksteps, c, bias0, bias1, first);
+            for (int i = 0; i < mtn; i++)
+                for (int jj = 0; jj < ntn; jj++) c_tile_close(&c[i * 2 + jj]);
+        }
+    }
+}
+
+AMX_TARGET static void amx_thread(const amx_job *job, const loom_blas_mat *xm, uint16_t *xp,
+                                  uint16_t *wp, float *scratch, float *row) {
+    tile_setup();
+
+    /* Pack x, row tiles split over the threads. */
+#pragma omp for schedule(static)
+    for (int64_t mt = 0; mt < job->mtiles; mt++)
+        pack_x_tile(xp + mt * job->ksteps * TILE_ELEMS, xm, mt, job->ksteps, row);
+
+    /* A unit is one column block and one of m_parts row ranges. The units of
+     * one block are consecutive, so a thread often keeps its packing. The
+     * implied barrier after each K block orders the sums of every C tile. */
+    int64_t n_blocks = (job->n_len + AMX_NB - 1) / AMX_NB;
+    int64_t units = n_blocks * job->m_parts;
+    for (int64_t ks0 = 0; ks0 < job->ksteps; ks0 += AMX_KB) {
+        int64_t ksteps = job->ksteps - ks0 < AMX_KB ? job->ksteps - ks0 : AMX_KB;
+        int64_t packed = -1;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < units; u++) {
+            int64_t nb = u / job->m_parts, part = u % job->m_parts;
+            int64_t n0 = nb * AMX_NB;
+            int64_t cols = job->n_len - n0 < AMX_NB ? job->n_len - n0 : AMX_NB;
+            int ntiles = (int)((cols + 15) / 16);
+            if (packed != nb) {
+                pack_w_block(wp, job->w, job->ldw, job->w_is_f16, job->n_len, job->k_len, n0,
+                             ntiles, ks0, ksteps);
+                packed = nb;
+            }
+            /* Row ranges in pairs of tiles, so only the last range can end in a single tile. */
+            int64_t pairs = (job->mtiles + 1) / 2;
+            int64_t mt0 = pairs * part / job->m_parts * 2, mt1 = pairs * (part + 1) / job->m_parts * 2;
+            if (mt1 > job->mtiles) mt1 = job->mtiles;
+            if (mt0 < mt1) amx_block(job, wp, n0, ntiles, mt0, mt1, ks0, ksteps, scratch);
+        }
+    }
+    _tile_release();
+}
+
+int loom_linear_amx(float *c, const loom_blas_mat *xm, const uint16_t *w, int64_t ldw,
+                    loom_dtype wdtype, int64_t n_out, const float *bias) {
+    int64_t m_len = xm->rows, k_len = xm->cols;
+    int64_t mtiles = (m_len + TILE_ROWS - 1) / TILE_ROWS;
+    int64_t ksteps = (k_len + TILE_K - 1) / TILE_K;
+    int64_t n_blocks = (n_out + AMX_NB - 1) / AMX_NB;
+    int64_t flops = 2 * m_len * n_out * k_len;
+
+    /* Threads only when the product is worth waking them for (2^24 flops
+     * take about 10 us of one core's tiles). With fewer column blocks than
+     * twice the threads, rows are split too. */
+    int nt = flops >= ((int64_t)1 << 24) ? omp_get_max_threads() : 1;
+    int64_t m_parts = 1;
+    if (n_blocks < 2 * nt) {
+        m_parts = (2 * nt + n_blocks - 1) / n_blocks;
+        int64_t pairs = (mtiles + 1) / 2;
+        if (m_parts > pairs) m_parts = pairs;
+    }
+
+    size_t wp_elems = (size_t)(AMX_NB / 16) * (size_t)(ksteps < AMX_KB ? ksteps : AMX_KB) * TILE_ELEMS;
+    uint16_t *xp = loom_alloc((size_t)(mtiles * ksteps) * TILE_ELEMS * sizeof(uint16_t));
+    uint16_t *wp = loom_alloc((size_t)nt * wp_elems * sizeof(uint16_t));
+    float *scratch = loom_alloc((size_t)nt * 4 * 256 * sizeof(float));
+    float *rows = loom_alloc((size_t)nt * (size_t)k_len * sizeof(float));
+    float *bias_pad = loom_alloc_zeroed((size_t)(n_blocks * AMX_NB) * sizeof(float));
+    int rc = LOOM_OK;
+    if (xp == NULL || wp == NULL || scratch == NULL || rows == NULL || bias_pad == NULL) {
+        rc = loom_error_prefix("linear");
+    } else {
+        if (bias) memcpy(bias_pad, bias, (size_t)n_out * sizeof(float));
+        amx_job job = {.xp = xp, .m_len = m_len, .n_len = n_out, .k_len = k_len, .ksteps = ksteps,
+                       .w = w, .ldw = ldw, .w_is_f16 = wdtype == LOOM_F16, .c = c,
+                       .bias = bias_pad, .m_parts = m_parts, .mtiles = mtiles};
+#pragma omp parallel num_threads(nt)
+        {
+            int t = omp_get_thread_num();
+            amx_thread(&job, xm, xp, wp + (size_t)t * wp_elems, scratch + (size_t)t * 4 * 256,
+                       rows + (size_t)t * (size_t)k_len);
+        }
+    }
+    loom_free(xp);
+    loom_free(wp);
+    loom_free(scratch);
+    loom_free(rows);
+    loom_free(bias_pad);
+    return rc;
+}

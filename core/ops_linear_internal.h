@@ -1,0 +1,44 @@
+/* The kernels behind LOOM_PATH_BF16, shared between ops_linear.c and
+ * ops_linear_amx.c, and a switch that pins one of them so that tests and
+ * benchmarks can run every fallback on a machine that has the fastest one.
+ * Not part of the public API. */
+#ifndef LOOM_OPS_LINEAR_INTERNAL_H
+#define LOOM_OPS_LINEAR_INTERNAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "ops_blas.h"
+#include "tensor.h"
+
+/* How loom_linear multiplies many rows of x by a 16-bit weight on
+ * LOOM_PATH_BF16, fastest first. Each falls back to the next one when the
+ * CPU (or the kernel, for AMX) does not support it. */
+typedef enum loom_bf16_kernel {
+    LOOM_BF16_KERNEL_AUTO = 0,   /* the fastest one available */
+    LOOM_BF16_KERNEL_AMX,        /* AMX-BF16 tiles (TDPBF16PS) */
+    LOOM_BF16_KERNEL_AVX512BF16, /* AVX512-BF16 dot products (vdpbf16ps) */
+    LOOM_BF16_KERNEL_F32,        /* the weight widened to f32 for sgemm, as LOOM_PATH_F32 */
+} loom_bf16_kernel;
+
+/* Pin the kernel that LOOM_PATH_BF16 starts from (AUTO restores the
+ * default). A pinned kernel the machine lacks still falls back. Meant for
+ * tests and benchmarks: it is process-wide and takes effect on the next call. */
+void loom_linear_pin_bf16_kernel(loom_bf16_kernel kernel);
+/* The kernel that LOOM_PATH_BF16 uses now, after the pin and the fallbacks;
+ * never AUTO. */
+loom_bf16_kernel loom_linear_bf16_kernel(void);
+
+/* Whether this CPU has AMX-BF16 and the Linux kernel granted this process
+ * the tile data state. The request is made once, on the first call. */
+bool loom_amx_bf16_usable(void);
+
+/* c (M, N) = x (M, K) @ w^T + bias with AMX-BF16: x is rounded to bf16 (and
+ * an f16 weight too), products are summed in f32. x is the sgemm operand
+ * *xm with M = xm->rows and K = xm->cols; w is (N, K) bf16 or f16 with unit
+ * inner stride and ldw elements between rows; bias (N) may be NULL. The
+ * caller has checked loom_amx_bf16_usable(). Fails only when memory runs out. */
+int loom_linear_amx(float *c, const loom_blas_mat *xm, const uint16_t *w, int64_t ldw,
+                    loom_dtype wdtype, int64_t n_out, const float *bias);
+
+#endif

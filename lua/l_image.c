@@ -2,11 +2,9 @@
  * decode return nil, message, code on failure, like io.open), the
  * preprocessing steps on u8 (H, W, C) tensors, and preprocess(), driven by
  * a preprocessor_config.json given as a table or as JSON text. */
-#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include "image.h"
 #include "loom_lua.h"
@@ -107,20 +105,6 @@ static loom_image image_from_tensor(lua_State *L, int idx) {
 /* ---------------------------------------------------------------------------
  * decoding */
 
-static const char *errno_code(int err) {
-    switch (err) {
-    case ENOENT: return "ENOENT";
-    case EACCES: return "EACCES";
-    case EISDIR: return "EISDIR";
-    case ENOTDIR: return "ENOTDIR";
-    case ENAMETOOLONG: return "ENAMETOOLONG";
-    case ELOOP: return "ELOOP";
-    case EMFILE: return "EMFILE";
-    case ENOMEM: return "ENOMEM";
-    default: return "EIO";
-    }
-}
-
 /* Read the options table of load/decode at idx into `o` and `keep_alpha`.
  * opts.rgb (drop alpha) is the default, so it is accepted and ignored,
  * except that it raises together with opts.keep_alpha. */
@@ -195,14 +179,6 @@ static int push_decoded(lua_State *L, image_box *box, int keep_alpha) {
     return 2;
 }
 
-/* Push nil, "path: reason", code for a file that cannot be opened. */
-static int push_open_failure(lua_State *L, const char *path, int err) {
-    lua_pushnil(L);
-    lua_pushfstring(L, "%s: %s", path, strerror(err));
-    lua_pushstring(L, errno_code(err));
-    return 3;
-}
-
 /* loom.image.load(path, opts?) -> image, info | nil, message, code.
  * opts.orient (default true) applies the EXIF orientation,
  * opts.keep_alpha keeps the alpha channel, opts.max_pixels caps the pixel
@@ -214,17 +190,9 @@ static int l_image_load(lua_State *L) {
     int keep_alpha;
     read_decode_options(L, 2, &opts, &keep_alpha);
     lua_settop(L, 2);
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return push_open_failure(L, path, errno);
-
-    /* fopen succeeds on a directory; reading it would fail with EISDIR */
-    struct stat st;
-    int is_dir = fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode);
-    fclose(f);
-    if (is_dir)
-        return push_open_failure(L, path, EISDIR);
-
+    int err = loom_open_errno(path);
+    if (err)
+        return loom_push_open_failure(L, path, err);
     image_box *box = new_image_box(L);
     if (loom_image_load(&box->image, path, &opts) != LOOM_OK) {
         lua_pushnil(L);

@@ -1,8 +1,9 @@
 /* Lua binding of core/tokenizer.h: loom.tokenizer.load* return a
  * "loom.Tokenizer" userdata with encode/decode and vocabulary queries, and
  * tok:decode_stream() a "loom.DecodeStream" for streaming generation. Ids are
- * 0-based on both sides. Loaders use the nil, message channel because they
- * open files; the methods raise. */
+ * 0-based on both sides. Loaders open files, so they return nil, message,
+ * code: an errno name when a file cannot be opened, "EFORMAT" when its
+ * content is not a valid tokenizer. The methods raise. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -57,16 +58,21 @@ static loom_tokenizer **push_tokenizer_box(lua_State *L) {
     return &box->tok;
 }
 
+/* Push nil, the core's message and "EFORMAT": the file was read but its
+ * content is not a tokenizer of the expected kind, or is malformed. */
 static int push_load_failure(lua_State *L) {
     lua_pushnil(L);
     lua_pushstring(L, loom_last_error());
-    lua_pushstring(L, "ELOAD");
+    lua_pushliteral(L, "EFORMAT");
     return 3;
 }
 
 /* loom.tokenizer.load(path): format recognised by content. */
 static int l_tokenizer_load(lua_State *L) {
     const char *path = luaL_checkstring(L, 1);
+    int err = loom_open_errno(path);
+    if (err)
+        return loom_push_open_failure(L, path, err);
     loom_tokenizer **slot = push_tokenizer_box(L);
     if (loom_tokenizer_load(slot, path) != LOOM_OK)
         return push_load_failure(L);
@@ -77,6 +83,12 @@ static int l_tokenizer_load(lua_State *L) {
 static int l_tokenizer_load_bpe_files(lua_State *L) {
     const char *vocab = luaL_checkstring(L, 1);
     const char *merges = luaL_checkstring(L, 2);
+    int err = loom_open_errno(vocab);
+    if (err)
+        return loom_push_open_failure(L, vocab, err);
+    err = loom_open_errno(merges);
+    if (err)
+        return loom_push_open_failure(L, merges, err);
     loom_tokenizer **slot = push_tokenizer_box(L);
     if (loom_tokenizer_load_bpe_files(slot, vocab, merges) != LOOM_OK)
         return push_load_failure(L);
@@ -87,6 +99,9 @@ static int l_tokenizer_load_bpe_files(lua_State *L) {
 static int l_tokenizer_load_wordpiece(lua_State *L) {
     const char *vocab = luaL_checkstring(L, 1);
     int lowercase = lua_toboolean(L, 2);
+    int err = loom_open_errno(vocab);
+    if (err)
+        return loom_push_open_failure(L, vocab, err);
     loom_tokenizer **slot = push_tokenizer_box(L);
     if (loom_tokenizer_load_wordpiece_vocab(slot, vocab, lowercase) != LOOM_OK)
         return push_load_failure(L);

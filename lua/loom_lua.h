@@ -49,6 +49,16 @@ void loom_gc_pace(lua_State *L);
  * when the core message already starts with it). Never returns. */
 int loom_core_error(lua_State *L, const char *fname);
 
+/* Open failures of the functions that return nil, message, code
+ * (lua/l_core.c). The errno name of `err`: "ENOENT", "EACCES", "EISDIR",
+ * "ENOTDIR", "ENAMETOOLONG", "ELOOP", "EMFILE", "ENOMEM", otherwise "EIO". */
+const char *loom_errno_name(int err);
+/* Open `path` for reading and close it again: 0 when that works on a file
+ * that is not a directory, else the errno value (EISDIR for a directory). */
+int loom_open_errno(const char *path);
+/* Push nil, "path: <strerror(err)>" and loom_errno_name(err); returns 3. */
+int loom_push_open_failure(lua_State *L, const char *path, int err);
+
 /* A dtype name ("f32", "bf16", "i64", ...) at `idx`; the optional form
  * returns `def` for nil or none. */
 loom_dtype loom_checkdtype(lua_State *L, int idx);

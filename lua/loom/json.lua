@@ -134,13 +134,17 @@ function M.decode(text)
   return value
 end
 
--- Read and decode a JSON file. Returns nil, message when the file cannot be
--- opened; raises with the path for invalid JSON.
+-- Read and decode a JSON file. Returns the value, or nil, a message and an
+-- errno name such as "ENOENT" or "EISDIR" when the file cannot be read.
+-- Raises, naming the file, when its content is not valid JSON, so that a
+-- caller that takes nil for an absent optional file never skips a corrupt one.
 function M.read(path)
-  local f, err = io.open(path, "rb")
-  if not f then return nil, err end
-  local text = f:read("a")
+  local f, message, errno = io.open(path, "rb")
+  if not f then return nil, message, require("loom.core").errno_name(errno) end
+  local text
+  text, message, errno = f:read("a")
   f:close()
+  if text == nil then return nil, path .. ": " .. message, require("loom.core").errno_name(errno) end
   local ok, value = pcall(M.decode, text)
   if not ok then error(path .. ": " .. value, 0) end
   return value

@@ -18,11 +18,21 @@ local function file_exists(path)
   return false
 end
 
+-- The value of an optional JSON file of the checkpoint: nil when the file
+-- does not exist, or nil, a message and a code ("EFORMAT" for invalid JSON)
+-- when it cannot be read.
+local function read_optional_json(path)
+  local ok, value, message, code = pcall(json.read, path)
+  if not ok then return nil, value, "EFORMAT" end
+  if value == nil and code ~= "ENOENT" then return nil, message, code end
+  return value
+end
+
 -- Add the tokens of added_tokens.json ({"text": id}) in id order. Each must
--- get the id the file gives it. Returns true, or nil and a message.
+-- get the id the file gives it. Returns true, or nil, a message and a code.
 local function add_tokens(tok, path)
-  local ok, added = pcall(json.read, path)
-  if not ok then return nil, added end
+  local added, message, code = read_optional_json(path)
+  if message then return nil, message, code end
   if added == nil then return true end
   local list = {}
   for text, id in pairs(added) do list[#list + 1] = { text, id } end
@@ -31,7 +41,7 @@ local function add_tokens(tok, path)
     local id = tok:add_token(entry[1], true)
     if id ~= entry[2] then
       return nil, string.format("%s: token '%s' has id %s but the tokenizer gives it id %d", path, entry[1],
-        tostring(entry[2]), id)
+        tostring(entry[2]), id), "EFORMAT"
     end
   end
   return true
@@ -48,8 +58,8 @@ end
 -- Settings of tokenizer_config.json that encoding callers may need. Keys are
 -- absent when the file or the entry is.
 local function read_settings(path)
-  local ok, cfg = pcall(json.read, path)
-  if not ok then return nil, cfg end
+  local cfg, message, code = read_optional_json(path)
+  if message then return nil, message, code end
   local settings = {}
   if cfg == nil then return settings end
   for _, key in ipairs({ "legacy", "add_bos_token", "add_eos_token" }) do
@@ -88,13 +98,14 @@ end
 -- tokenizer_config.json (legacy, add_bos_token, add_eos_token, bos_token,
 -- eos_token, pad_token, unk_token, tokenizer_class, plus `path`, the file the
 -- vocabulary came from). On failure returns nil, a message and a code: "ENOENT" when the
--- directory has no tokenizer file, "ELOAD" when a file fails to load.
+-- directory has no tokenizer file, else the code of the file that failed: an
+-- errno name when it cannot be read, "EFORMAT" when its content is invalid.
 -- Raises only when this build of loom has no tokenizer binding.
 function M.load(dir)
   local tk = loom.tokenizer
   if tk == nil then error("this build of loom has no tokenizer binding (loom.tokenizer)", 2) end
 
-  local tok, err, path
+  local tok, err, code, path
   local json_path, model_path = path_join(dir, "tokenizer.json"), path_join(dir, "tokenizer.model")
   local vocab_path, merges_path = path_join(dir, "vocab.json"), path_join(dir, "merges.txt")
   if file_exists(json_path) then
@@ -103,18 +114,18 @@ function M.load(dir)
     path = model_path
   elseif file_exists(vocab_path) and file_exists(merges_path) then
     path = vocab_path
-    tok, err = tk.load_bpe_files(vocab_path, merges_path)
+    tok, err, code = tk.load_bpe_files(vocab_path, merges_path)
   else
     return nil, string.format("no tokenizer in '%s': expected tokenizer.json or tokenizer.model, "
       .. "or vocab.json and merges.txt", dir), "ENOENT"
   end
-  if path ~= vocab_path then tok, err = tk.load(path) end
-  if tok == nil then return nil, err, "ELOAD" end
+  if path ~= vocab_path then tok, err, code = tk.load(path) end
+  if tok == nil then return nil, err, code end
 
-  local ok, added_err = add_tokens(tok, path_join(dir, "added_tokens.json"))
-  if not ok then return nil, added_err, "ELOAD" end
-  local settings, settings_err = read_settings(path_join(dir, "tokenizer_config.json"))
-  if settings == nil then return nil, settings_err, "ELOAD" end
+  local ok, added_err, added_code = add_tokens(tok, path_join(dir, "added_tokens.json"))
+  if not ok then return nil, added_err, added_code end
+  local settings, settings_err, settings_code = read_settings(path_join(dir, "tokenizer_config.json"))
+  if settings == nil then return nil, settings_err, settings_code end
   if path ~= json_path then apply_settings(tok, settings) end
   settings.path = path
   return tok, settings

@@ -158,28 +158,79 @@ run("broken files", function()
   write_file(dir .. "/tokenizer.json", "{ not json")
   local tok, message, code = tokenizers.load(dir)
   check.equal(tok, nil, "broken tokenizer.json")
-  check.equal(code, "ELOAD", "code of a broken tokenizer.json")
+  check.equal(code, "EFORMAT", "code of a broken tokenizer.json")
   check.check(message:find("tokenizer.json", 1, true), "message names the file: " .. message)
 
   dir = temp_dir()
   copy_files(BLIP2_DIR, dir, BPE_FILES)
   write_file(dir .. "/added_tokens.json", "[1, 2")
   tok, message, code = tokenizers.load(dir)
-  check.equal(code, "ELOAD", "code of a broken added_tokens.json")
+  check.equal(code, "EFORMAT", "code of a broken added_tokens.json")
   check.check(message:find("added_tokens.json: invalid JSON", 1, true), "message names the file: " .. message)
 
   -- an added token must get the id the file gives it
   write_file(dir .. "/added_tokens.json", json.encode({ ["<image>"] = 5000 }))
   tok, message, code = tokenizers.load(dir)
-  check.equal(code, "ELOAD", "code of a wrong added token id")
+  check.equal(code, "EFORMAT", "code of a wrong added token id")
   check.check(message:find("token '<image>' has id 5000 but the tokenizer gives it id 3260", 1, true),
     "message gives both ids: " .. message)
 
   os.remove(dir .. "/added_tokens.json")
   write_file(dir .. "/tokenizer_config.json", "{")
   tok, message, code = tokenizers.load(dir)
-  check.equal(code, "ELOAD", "code of a broken tokenizer_config.json")
+  check.equal(code, "EFORMAT", "code of a broken tokenizer_config.json")
   check.check(message:find("tokenizer_config.json: invalid JSON", 1, true), "message names the file: " .. message)
+end)
+
+run("unreadable files", function()
+  -- a directory in place of a file is opened but cannot be read
+  local dir = temp_dir()
+  assert(os.execute("mkdir " .. quote(dir .. "/tokenizer.json")))
+  local tok, message, code = tokenizers.load(dir)
+  check.equal({ tok, code }, { nil, "EISDIR" }, "tokenizer.json is a directory")
+  check.check(message:find(dir .. "/tokenizer.json: Is a directory", 1, true), "message names the file: " .. message)
+
+  dir = temp_dir()
+  copy_files(BLIP2_DIR, dir, BPE_FILES)
+  assert(os.execute("mkdir " .. quote(dir .. "/added_tokens.json")))
+  tok, message, code = tokenizers.load(dir)
+  check.equal({ tok, code }, { nil, "EISDIR" }, "added_tokens.json is a directory")
+  check.check(message:find("added_tokens.json: Is a directory", 1, true), "message names the file: " .. message)
+end)
+
+-- The loaders of the binding return an errno name when a file cannot be
+-- opened and "EFORMAT" when its content is not a tokenizer.
+run("loader codes", function()
+  local tk = loom.tokenizer
+  local dir = temp_dir()
+  local missing = dir .. "/missing.model"
+  local cases = {
+    { "load of a missing file", function() return tk.load(missing) end, "ENOENT", missing },
+    { "load of a directory", function() return tk.load(dir) end, "EISDIR", dir },
+    { "load_wordpiece of a missing file", function() return tk.load_wordpiece(missing, true) end, "ENOENT", missing },
+    { "load_bpe_files without vocab", function() return tk.load_bpe_files(missing, BLIP2_DIR .. "/merges.txt") end,
+      "ENOENT", missing },
+    { "load_bpe_files without merges", function() return tk.load_bpe_files(BLIP2_DIR .. "/vocab.json", missing) end,
+      "ENOENT", missing },
+  }
+  for _, case in ipairs(cases) do
+    local tok, message, code = case[2]()
+    check.equal({ tok, code }, { nil, case[3] }, case[1])
+    check.check(message and message:find(case[4], 1, true), case[1] .. ": message names the path: " .. tostring(message))
+  end
+
+  local binary = dir .. "/binary.model"
+  write_file(binary, "\1\2\0\3")
+  local tok, message, code = tk.load(binary)
+  check.equal({ tok, code }, { nil, "EFORMAT" }, "load of binary data")
+  check.check(message:find("not a tokenizer file", 1, true), "binary data message: " .. message)
+  tok, message, code = tk.load_buffer("{ not json", "broken.json")
+  check.equal({ tok, code }, { nil, "EFORMAT" }, "load_buffer of broken JSON")
+  check.check(message:find("broken.json", 1, true), "load_buffer message names the buffer: " .. message)
+  local bad_merges = dir .. "/merges.txt"
+  write_file(bad_merges, "#version: 0.2\nonly-one-field\n")
+  tok, message, code = tk.load_bpe_files(BLIP2_DIR .. "/vocab.json", bad_merges)
+  check.equal({ tok, code }, { nil, "EFORMAT" }, "load_bpe_files of a malformed merges file")
 end)
 
 for _, dir in ipairs(dirs) do os.execute("rm -rf " .. quote(dir)) end

@@ -3,6 +3,7 @@
  * reference loop in double over seeded random shapes, dtypes and layouts,
  * plus the out-variant and the error messages. */
 #include "ops_internal.h"
+#include "ops_math_internal.h"
 #include "ops_testutil.h"
 
 /* The index into t (right-aligned, size-1 dimensions pinned to 0) of the
@@ -599,6 +600,109 @@ static void test_expf_accuracy(void) {
     CHECK(loom_expf(0.0f) == 1.0f, "loom_expf(0) = %.9g", loom_expf(0.0f));
 }
 
+/* Error of got against want in ulps of the float nearest want (the ulp below
+ * 1 for results that round to +-1). */
+static double ulp_error(float got, double want) {
+    float want_f = (float)want;
+    double ulp_size = nextafterf(fabsf(want_f), INFINITY) - fabsf(want_f);
+    if (fabsf(want_f) == 1.0f) ulp_size = 0x1.0p-24;
+    return fabs(got - want) / ulp_size;
+}
+
+/* Max ulp error of fn against ref over every `step`-th float bit pattern
+ * from `from` to `to` (magnitudes), both signs; *worst gets its argument. */
+static double max_ulp_error(float (*fn)(float), double (*ref)(double), uint32_t from, uint32_t to,
+                            uint32_t step, float *worst) {
+    double max_ulp = 0;
+    for (uint32_t u = from; u < to; u += step) {
+        for (int sign = 0; sign < 2; sign++) {
+            uint32_t bits = u | (sign ? 0x80000000u : 0);
+            float x;
+            memcpy(&x, &bits, sizeof x);
+            double e = ulp_error(fn(x), ref((double)x));
+            if (e > max_ulp) max_ulp = e, *worst = x;
+        }
+    }
+    return max_ulp;
+}
+
+static float erf_under_test(float x) { return loom_erff(x); }
+static float tanh_under_test(float x) { return loom_tanhf(x); }
+
+static uint32_t float_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* loom_erff against erf in double: a sweep over all magnitudes (subnormals
+ * to the tails), and every float around the switches between its pieces at
+ * 0.75 and 1.25 and the end of the fitted range at 3.92. */
+static void test_erff_accuracy(void) {
+    float worst = 0;
+    double e = max_ulp_error(erf_under_test, erf, 0, 0x7f800000u, 997, &worst);
+    CHECK(e < 1.0, "loom_erff max error %.3f ulp at x = %.9g over the sweep", e, worst);
+    e = max_ulp_error(erf_under_test, erf, float_bits(0.7f), float_bits(1.3f), 1, &worst);
+    CHECK(e < 1.0, "loom_erff max error %.3f ulp at x = %.9g in [0.7, 1.3]", e, worst);
+    e = max_ulp_error(erf_under_test, erf, float_bits(3.8f), float_bits(4.0f), 1, &worst);
+    CHECK(e < 1.0, "loom_erff max error %.3f ulp at x = %.9g near 3.92", e, worst);
+
+    CHECK(isnan(loom_erff(NAN)), "loom_erff(NaN) = %g", loom_erff(NAN));
+    CHECK(loom_erff(INFINITY) == 1.0f, "loom_erff(inf) = %g", loom_erff(INFINITY));
+    CHECK(loom_erff(-INFINITY) == -1.0f, "loom_erff(-inf) = %g", loom_erff(-INFINITY));
+    CHECK(loom_erff(-0.0f) == 0.0f && signbit(loom_erff(-0.0f)), "loom_erff(-0) = %g", loom_erff(-0.0f));
+    float tiny = 0x1.0p-140f;
+    CHECK(loom_erff(tiny) == (float)(tiny * 1.1283791670955126),
+          "loom_erff(2^-140) = %a, expected 2/sqrt(pi) 2^-140", loom_erff(tiny));
+}
+
+static void test_tanhf_accuracy(void) {
+    float worst = 0;
+    double e = max_ulp_error(tanh_under_test, tanh, 0, 0x7f800000u, 997, &worst);
+    CHECK(e < 1.2, "loom_tanhf max error %.3f ulp at x = %.9g over the sweep", e, worst);
+    e = max_ulp_error(tanh_under_test, tanh, float_bits(0.9f), float_bits(1.1f), 1, &worst);
+    CHECK(e < 1.2, "loom_tanhf max error %.3f ulp at x = %.9g near 1", e, worst);
+
+    CHECK(isnan(loom_tanhf(NAN)), "loom_tanhf(NaN) = %g", loom_tanhf(NAN));
+    CHECK(loom_tanhf(INFINITY) == 1.0f, "loom_tanhf(inf) = %g", loom_tanhf(INFINITY));
+    CHECK(loom_tanhf(-INFINITY) == -1.0f, "loom_tanhf(-inf) = %g", loom_tanhf(-INFINITY));
+    CHECK(loom_tanhf(-0.0f) == 0.0f && signbit(loom_tanhf(-0.0f)), "loom_tanhf(-0) = %g",
+          loom_tanhf(-0.0f));
+    CHECK(loom_tanhf(100.0f) == 1.0f, "loom_tanhf(100) = %.9g", loom_tanhf(100.0f));
+}
+
+/* Both GELUs stay within 1e-6 of the same formulas over glibc's erff and
+ * tanhf, which they replaced, on a grid of step 2^-10 over [-12, 12]. */
+static void test_gelu_matches_libm(void) {
+    const int64_t n = 24 * 1024 + 1;
+    loom_tensor x = LOOM_TENSOR_EMPTY, out = LOOM_TENSOR_EMPTY;
+    CHECK_OK(loom_tensor_init(&x, LOOM_F32, 1, &n));
+    float *px = loom_tensor_data(&x);
+    for (int64_t i = 0; i < n; i++) px[i] = -12.0f + (float)i / 1024.0f;
+
+    const float sqrt1_2 = (float)M_SQRT1_2, beta = (float)(M_SQRT2 * M_2_SQRTPI * 0.5);
+    CHECK_OK(loom_unary(&out, &x, LOOM_GELU));
+    double max_diff = 0;
+    for (int64_t i = 0; i < n && out.storage; i++) {
+        float v = px[i];
+        float libm = v * 0.5f * (1.0f + erff(v * sqrt1_2));
+        max_diff = fmax(max_diff, fabs(((float *)loom_tensor_data(&out))[i] - libm));
+    }
+    CHECK(max_diff <= 1e-6, "gelu differs from the erff version by up to %g", max_diff);
+    loom_tensor_free(&out);
+
+    CHECK_OK(loom_unary(&out, &x, LOOM_GELU_TANH));
+    max_diff = 0;
+    for (int64_t i = 0; i < n && out.storage; i++) {
+        float v = px[i];
+        float libm = 0.5f * v * (1.0f + tanhf(beta * (v + 0.044715f * (v * v * v))));
+        max_diff = fmax(max_diff, fabs(((float *)loom_tensor_data(&out))[i] - libm));
+    }
+    CHECK(max_diff <= 1e-6, "gelu_tanh differs from the tanhf version by up to %g", max_diff);
+    loom_tensor_free(&out);
+    loom_tensor_free(&x);
+}
+
 static void test_unary_integer_and_errors(void) {
     loom_tensor x = LOOM_TENSOR_EMPTY, out = LOOM_TENSOR_EMPTY;
     loom_tensor_arange(&x, LOOM_I32, -3, 3, 1);
@@ -729,6 +833,9 @@ int main(void) {
     test_unary_random();
     test_unary_special_values();
     test_expf_accuracy();
+    test_erff_accuracy();
+    test_tanhf_accuracy();
+    test_gelu_matches_libm();
     test_unary_integer_and_errors();
     test_unary_large();
     test_where();

@@ -35,7 +35,8 @@ function M.config(cfg)
     error(string.format("vision image_size %d is not a multiple of patch_size %d", out.image_size, out.patch_size), 2)
   end
   out.head_dim = out.hidden_size // out.num_attention_heads
-  out.num_patches = (out.image_size // out.patch_size) ^ 2 // 1
+  local side = out.image_size // out.patch_size -- patches along each image side
+  out.num_patches = side * side
   -- post_layernorm_eps differs from layer_norm_eps only for LAVIS checkpoints,
   -- whose ln_vision is a LayerNorm with PyTorch's default eps
   out.post_layernorm_eps = out.post_layernorm_eps or out.layer_norm_eps

@@ -35,7 +35,8 @@ function M.config(cfg)
       out.image_size, out.patch_size), 2)
   end
   out.head_dim = out.hidden_size // out.num_attention_heads
-  out.num_patches = (out.image_size // out.patch_size) ^ 2 // 1
+  local side = out.image_size // out.patch_size -- patches along each image side
+  out.num_patches = side * side
   return out
 end
 

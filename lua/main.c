@@ -39,7 +39,8 @@ static void print_usage(FILE *f) {
             "Options:\n"
             "  -e CODE        run the Lua statements CODE\n"
             "  -i             enter the REPL after running the script or -e code\n"
-            "  -l NAME        require module NAME into the global NAME\n"
+            "  -l MOD         require module MOD into the global MOD (dots included)\n"
+            "  -l G=MOD       require module MOD into the global G\n"
             "  -v, --version  print the Loom and Lua versions\n"
             "  -h, --help     print this help\n"
             "  --             stop handling options\n"
@@ -136,13 +137,23 @@ static int dostring(lua_State *L, const char *code, const char *name) {
     return dochunk(L, luaL_loadbuffer(L, code, strlen(code), name));
 }
 
-/* `-l name`: global name = require(name). */
-static int dolibrary(lua_State *L, const char *name) {
+/* `-l mod`: global mod = require(mod), the global named by the whole module
+ * name, dots included. `-l g=mod`: global g = require(mod). The same rules
+ * as lua.c of Lua 5.4.4, which keeps a suffix such as "-v2" in the global
+ * name too. */
+static int dolibrary(lua_State *L, const char *arg) {
+    const char *eq = strchr(arg, '=');
+    const char *modname = eq ? eq + 1 : arg;
+    lua_pushlstring(L, arg, eq ? (size_t)(eq - arg) : strlen(arg)); /* the global name */
     lua_getglobal(L, "require");
-    lua_pushstring(L, name);
+    lua_pushstring(L, modname);
     int status = docall(L, 1, 1);
-    if (status == LUA_OK)
-        lua_setglobal(L, name);
+    if (status == LUA_OK) {
+        lua_setglobal(L, lua_tostring(L, -2));
+        lua_pop(L, 1);
+    } else {
+        lua_remove(L, -2);
+    }
     return report(L, status);
 }
 

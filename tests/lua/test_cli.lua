@@ -69,6 +69,40 @@ do
   check.equal({out, code}, {"42\n", 0}, "-l requires a module into a global")
 end
 
+-- -l follows lua.c of Lua 5.4.4: `-l mod` sets the global named by the whole
+-- module name, dots and suffixes included, and `-l g=mod` sets global g.
+do
+  assert(os.execute("mkdir -p " .. quote(tmp .. "/pkg")))
+  write(tmp .. "/pkg/sub.lua", "return {answer = 7}\n")
+  write(tmp .. "/mod-v2.lua", "return {answer = 2}\n")
+  local env = "LUA_PATH=" .. quote(tmp .. "/?.lua;;") .. " "
+  local cases = {
+    {"-l pkg.sub", "print(rawget(_G, 'pkg.sub').answer, rawget(_G, 'pkg'))", "7\tnil\n", "a dotted name"},
+    {"-l g=pkg.sub", "print(g.answer, rawget(_G, 'g=pkg.sub'), rawget(_G, 'pkg.sub'))", "7\tnil\tnil\n",
+      "the g=mod form"},
+    {"-lg=pkg.sub", "print(g.answer)", "7\n", "the g=mod form joined to -l"},
+    {"-l mod-v2", "print(rawget(_G, 'mod-v2').answer, rawget(_G, 'mod'))", "2\tnil\n", "a name with a suffix"},
+    {"-l json=loom.json", "print(type(json.decode), rawget(_G, 'loom.json'))", "function\tnil\n", "loom.json into g"},
+  }
+  for _, case in ipairs(cases) do
+    local out, code = run(env .. exe .. " " .. case[1] .. " -e " .. quote(case[2]))
+    check.equal({out, code}, {case[3], 0}, "-l with " .. case[4])
+  end
+
+  local out, code = run(env .. exe .. " -l g= -e " .. quote("print(g)"))
+  check.equal(code, 1, "-l g= with an empty module name exits with 1")
+  check.check(out:find("module '' not found", 1, true) ~= nil, "-l g= names the empty module: " .. out)
+
+  -- the same results as the stock interpreter, where it is installed
+  if os.execute("command -v lua5.4 >/dev/null 2>&1") then
+    for i = 1, 4 do
+      local case = cases[i]
+      local stock = run(env .. "lua5.4 " .. case[1] .. " -e " .. quote(case[2]))
+      check.equal(stock, case[3], "lua5.4 agrees on -l with " .. case[4])
+    end
+  end
+end
+
 do
   local script = tmp .. "/args.lua"
   write(script, [[

@@ -3,6 +3,7 @@
  * attention with an offset (one query against a cache), additive and u8
  * masks, fully masked rows, strided views, and the error messages. */
 #include <float.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -185,6 +186,36 @@ static void test_attention_basic_and_gqa(void) {
     loom_tensor_free(&q);
     loom_tensor_free(&k);
     loom_tensor_free(&v);
+}
+
+/* The sgemm route on one thread and on two, with heads shared out over the
+ * threads (16 pairs of batch and head, a float mask, more queries than one
+ * 256-row block) and, for 3 pairs that do not divide evenly, one head at a
+ * time with threaded sgemm. */
+static void test_attention_threads(void) {
+    int64_t qs[4] = {2, 8, 270, 8}, ms[4] = {2, 1, 270, 270};
+    loom_tensor q = random_tensor(LOOM_F32, 4, qs), k = random_tensor(LOOM_F32, 4, qs);
+    loom_tensor v = random_tensor(LOOM_F32, 4, qs), mask = random_tensor(LOOM_F32, 4, ms);
+    int64_t q3[4] = {1, 3, 40, 16};
+    loom_tensor q_odd = random_tensor(LOOM_F32, 4, q3), k_odd = random_tensor(LOOM_F32, 4, q3);
+    loom_tensor v_odd = random_tensor(LOOM_F32, 4, q3);
+    loom_attention_opts masked = {.mask = &mask, .causal = true};
+
+    int saved = omp_get_max_threads();
+    for (int threads = 1; threads <= 2; threads++) {
+        omp_set_num_threads(threads);
+        check_attention(&q, &k, &v, &masked, threads == 1 ? "16 heads, 1 thread" : "16 heads, 2 threads");
+        check_attention(&q_odd, &k_odd, &v_odd, NULL, threads == 1 ? "3 heads, 1 thread" : "3 heads, 2 threads");
+    }
+    omp_set_num_threads(saved);
+
+    loom_tensor_free(&q);
+    loom_tensor_free(&k);
+    loom_tensor_free(&v);
+    loom_tensor_free(&mask);
+    loom_tensor_free(&q_odd);
+    loom_tensor_free(&k_odd);
+    loom_tensor_free(&v_odd);
 }
 
 static void test_attention_masks(void) {
@@ -578,6 +609,7 @@ static void test_alibi(void) {
 
 int main(void) {
     test_attention_basic_and_gqa();
+    test_attention_threads();
     test_attention_masks();
     test_attention_random();
     test_attention_errors();

@@ -122,7 +122,7 @@ static int l_tokenizer_load_buffer(lua_State *L) {
 /* ---------------------------------------------------------------------------
  * Methods */
 
-static loom_tokenizer *check_tokenizer(lua_State *L, int idx) {
+loom_tokenizer *loom_checktokenizer(lua_State *L, int idx) {
     tokenizer_box *box = luaL_checkudata(L, idx, TOKENIZER_MT);
     if (!box->tok)
         luaL_error(L, "attempt to use a released tokenizer");
@@ -162,7 +162,7 @@ static loom_encode_opts check_encode_opts(lua_State *L, int idx) {
 /* tok:encode(text, opts?) -> list of ids. opts: add_bos, add_eos,
  * parse_special, legacy (booleans; nil keeps the tokenizer's default). */
 static int l_tokenizer_encode(lua_State *L) {
-    loom_tokenizer *tok = check_tokenizer(L, 1);
+    loom_tokenizer *tok = loom_checktokenizer(L, 1);
     size_t len;
     const char *text = luaL_checklstring(L, 2, &len);
     loom_encode_opts opts = check_encode_opts(L, 3);
@@ -213,7 +213,7 @@ static int32_t *check_ids(lua_State *L, int idx, size_t *n) {
 
 /* tok:decode(ids, opts?) -> text. opts.skip_special (default true). */
 static int l_tokenizer_decode(lua_State *L) {
-    loom_tokenizer *tok = check_tokenizer(L, 1);
+    loom_tokenizer *tok = loom_checktokenizer(L, 1);
     loom_decode_opts opts = {.skip_special = true};
     if (!lua_isnoneornil(L, 3)) {
         luaL_checktype(L, 3, LUA_TTABLE);
@@ -237,13 +237,13 @@ static int l_tokenizer_decode(lua_State *L) {
 }
 
 static int l_tokenizer_vocab_size(lua_State *L) {
-    lua_pushinteger(L, loom_tokenizer_vocab_size(check_tokenizer(L, 1)));
+    lua_pushinteger(L, loom_tokenizer_vocab_size(loom_checktokenizer(L, 1)));
     return 1;
 }
 
 /* tok:token_to_id(text) -> id, or nil when not in the vocabulary. */
 static int l_tokenizer_token_to_id(lua_State *L) {
-    loom_tokenizer *tok = check_tokenizer(L, 1);
+    loom_tokenizer *tok = loom_checktokenizer(L, 1);
     size_t len;
     const char *text = luaL_checklstring(L, 2, &len);
     int32_t id = loom_tokenizer_token_to_id(tok, text, len);
@@ -256,7 +256,7 @@ static int l_tokenizer_token_to_id(lua_State *L) {
 
 /* tok:id_to_token(id) -> piece text, or nil for an unknown id. */
 static int l_tokenizer_id_to_token(lua_State *L) {
-    loom_tokenizer *tok = check_tokenizer(L, 1);
+    loom_tokenizer *tok = loom_checktokenizer(L, 1);
     lua_Integer id = luaL_checkinteger(L, 2);
     size_t len = 0;
     const char *text = id < 0 || id > INT32_MAX ? NULL : loom_tokenizer_id_to_token(tok, (int32_t)id, &len);
@@ -268,7 +268,7 @@ static int l_tokenizer_id_to_token(lua_State *L) {
 }
 
 static int l_tokenizer_is_special(lua_State *L) {
-    loom_tokenizer *tok = check_tokenizer(L, 1);
+    loom_tokenizer *tok = loom_checktokenizer(L, 1);
     lua_Integer id = luaL_checkinteger(L, 2);
     lua_pushboolean(L, id >= 0 && id <= INT32_MAX && loom_tokenizer_is_special(tok, (int32_t)id));
     return 1;
@@ -280,7 +280,7 @@ static const loom_special_token special_values[] = {LOOM_TOKEN_BOS, LOOM_TOKEN_E
 
 /* tok:special_id("bos" | "eos" | "pad" | "unk") -> id or nil. */
 static int l_tokenizer_special_id(lua_State *L) {
-    loom_tokenizer *tok = check_tokenizer(L, 1);
+    loom_tokenizer *tok = loom_checktokenizer(L, 1);
     int which = luaL_checkoption(L, 2, NULL, special_names);
     int32_t id = loom_tokenizer_special_id(tok, special_values[which]);
     if (id < 0)
@@ -292,7 +292,7 @@ static int l_tokenizer_special_id(lua_State *L) {
 
 /* tok:set_special_id(name, id or nil). */
 static int l_tokenizer_set_special_id(lua_State *L) {
-    loom_tokenizer *tok = check_tokenizer(L, 1);
+    loom_tokenizer *tok = loom_checktokenizer(L, 1);
     int which = luaL_checkoption(L, 2, NULL, special_names);
     lua_Integer id = luaL_optinteger(L, 3, -1);
     luaL_argcheck(L, id >= -1 && id <= INT32_MAX, 3, "id out of range");
@@ -303,7 +303,7 @@ static int l_tokenizer_set_special_id(lua_State *L) {
 
 /* tok:set_defaults(opts): new defaults for encode's options. */
 static int l_tokenizer_set_defaults(lua_State *L) {
-    loom_tokenizer *tok = check_tokenizer(L, 1);
+    loom_tokenizer *tok = loom_checktokenizer(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     loom_encode_opts opts = check_encode_opts(L, 2);
     loom_tokenizer_set_defaults(tok, &opts);
@@ -312,7 +312,7 @@ static int l_tokenizer_set_defaults(lua_State *L) {
 
 /* tok:add_token(text, special?) -> id. */
 static int l_tokenizer_add_token(lua_State *L) {
-    loom_tokenizer *tok = check_tokenizer(L, 1);
+    loom_tokenizer *tok = loom_checktokenizer(L, 1);
     const char *text = luaL_checkstring(L, 2);
     int special = lua_toboolean(L, 3);
     int32_t id = -1;
@@ -324,14 +324,14 @@ static int l_tokenizer_add_token(lua_State *L) {
 
 static int l_tokenizer_kind(lua_State *L) {
     static const char *const names[] = {"sentencepiece_bpe", "byte_level_bpe", "wordpiece"};
-    loom_tokenizer_kind kind = loom_tokenizer_get_kind(check_tokenizer(L, 1));
+    loom_tokenizer_kind kind = loom_tokenizer_get_kind(loom_checktokenizer(L, 1));
     lua_pushstring(L, (unsigned)kind < 3 ? names[kind] : "unknown");
     return 1;
 }
 
 static int l_tokenizer_source(lua_State *L) {
     static const char *const names[] = {"sentencepiece", "hf_json", "bpe_files", "vocab_txt"};
-    loom_tokenizer_source source = loom_tokenizer_get_source(check_tokenizer(L, 1));
+    loom_tokenizer_source source = loom_tokenizer_get_source(loom_checktokenizer(L, 1));
     lua_pushstring(L, (unsigned)source < 4 ? names[source] : "unknown");
     return 1;
 }
@@ -355,7 +355,7 @@ static int l_tokenizer___tostring(lua_State *L) {
 
 /* tok:decode_stream(opts?) -> stream; the stream keeps the tokenizer alive. */
 static int l_tokenizer_decode_stream(lua_State *L) {
-    loom_tokenizer *tok = check_tokenizer(L, 1);
+    loom_tokenizer *tok = loom_checktokenizer(L, 1);
     loom_decode_opts opts = {.skip_special = true};
     if (!lua_isnoneornil(L, 2)) {
         luaL_checktype(L, 2, LUA_TTABLE);

@@ -31,7 +31,6 @@
 
 #define TIMER_MT "loom.uv.Timer"
 #define SIGNAL_MT "loom.uv.Signal"
-#define TOKENIZER_MT "loom.Tokenizer"
 #define ERROR_HANDLER_KEY "loom.uv.error_handler"
 #define DRIVER_TICK_KEY "loom.uv.driver_tick"
 #define DRIVER_READY_KEY "loom.uv.driver_ready"
@@ -1084,16 +1083,6 @@ static int l_uv_work_image(lua_State *L) {
     return queue_work(L, w, 3, 0);
 }
 
-/* The tokenizer inside a "loom.Tokenizer" userdata.
- * NOTE: relies on lua/l_tokenizer.c's box holding the loom_tokenizer
- * pointer as its first member; that file exports no checker. */
-static const loom_tokenizer *check_tokenizer(lua_State *L, int idx) {
-    const loom_tokenizer *const *slot = luaL_checkudata(L, idx, TOKENIZER_MT);
-    if (!*slot)
-        luaL_error(L, "attempt to use a released tokenizer");
-    return *slot;
-}
-
 static int opt_flag(lua_State *L, int idx, const char *key) {
     if (lua_isnoneornil(L, idx))
         return LOOM_TOKENIZER_DEFAULT;
@@ -1108,7 +1097,7 @@ static int opt_flag(lua_State *L, int idx, const char *key) {
  * tokenizer is pinned until fn runs; it must not be changed (add_token,
  * set_special_id) meanwhile. */
 static int l_uv_work_encode(lua_State *L) {
-    const loom_tokenizer *tok = check_tokenizer(L, 1);
+    const loom_tokenizer *tok = loom_checktokenizer(L, 1);
     size_t len;
     const char *text = luaL_checklstring(L, 2, &len);
     if (!lua_isnoneornil(L, 3))

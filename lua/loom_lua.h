@@ -37,6 +37,11 @@ void loom_pushtensor(lua_State *L, const loom_tensor *t);
  * raises "loom.Tensor or number expected". */
 loom_tensor *loom_totensor(lua_State *L, int idx, loom_dtype dtype);
 
+/* The tokenizer inside the "loom.Tokenizer" userdata at `idx`
+ * (lua/l_tokenizer.c). Raises "loom.Tokenizer expected, got X" for other
+ * values and "attempt to use a released tokenizer" after tok:free(). */
+struct loom_tokenizer *loom_checktokenizer(lua_State *L, int idx);
+
 /* Push the text form of a live tensor (l_format.c). */
 int loom_format_tensor(lua_State *L, const loom_tensor *t);
 

@@ -112,7 +112,7 @@ install: all
 	install -m 755 $(LOOM) $(DESTDIR)$(PREFIX)/bin/loom
 	install -m 755 $(LUA_MOD) $(DESTDIR)$(PREFIX)/lib/lua/5.4/loom/core.so
 	cp -r lua/loom/. $(DESTDIR)$(PREFIX)/share/lua/5.4/loom/
-	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(shell sed -n 's/#define LOOM_VERSION "\(.*\)"/\1/p' core/base.h)|' \
+	sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@OPENBLAS_DIR@|$(OPENBLAS_DIR)|g' -e 's|@VERSION@|$(shell sed -n 's/#define LOOM_VERSION "\(.*\)"/\1/p' core/base.h)|' \
 	    mk/loom.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/loom.pc
 
 clean:

@@ -68,6 +68,16 @@ out, status = run(string.format(
   sanitize, quote(csrc), quote(prefix), quote(prefix .. "/lib/pkgconfig"), quote(prefix .. "/lib"), quote(prefix)))
 check.equal(out, "bf16[2, 3]\n", "C program against the installed library (status " .. tostring(status) .. ")")
 
+-- The same program linked statically against libloom.a with the private
+-- libraries that `pkg-config --static` lists.
+if sanitize == "" then
+  out, status = run(string.format(
+    "cc %s -I%s %s/lib/libloom.a $(PKG_CONFIG_PATH=%s pkg-config --libs --static loom | sed 's/-lloom//') -o %s/probe_static && %s/probe_static",
+    quote(csrc), quote(prefix .. "/include/loom"), quote(prefix), quote(prefix .. "/lib/pkgconfig"), quote(prefix),
+    quote(prefix)))
+  check.equal(out, "bf16[2, 3]\n", "static link with pkg-config --static (status " .. tostring(status) .. ")")
+end
+
 -- The installed executable finds the installed Lua modules from any directory.
 out, status = run(string.format("cd / && %s/bin/loom -e %s", quote(prefix),
   quote("print(loom.nn ~= nil, loom.llava ~= nil, (loom.zeros(2, 2) + 1):sum():item())")))

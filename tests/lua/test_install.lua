@@ -50,10 +50,14 @@ f:write([[
 #include <loom.h>
 #include <stdio.h>
 int main(void) {
-    loom_tensor t = LOOM_TENSOR_EMPTY;
+    loom_tensor t = LOOM_TENSOR_EMPTY, p = LOOM_TENSOR_EMPTY;
     int64_t shape[2] = {2, 3};
     if (loom_tensor_zeros(&t, LOOM_BF16, 2, shape) != LOOM_OK)
         return 1;
+    /* Pull in the operators (OpenBLAS, OpenMP) and the PyTorch reader (zlib). */
+    loom_tensor_fill(&t, 1);
+    if (loom_matmul(&p, &t, &t) == LOOM_OK || loom_checkpoint_format("/nonexistent") != -1)
+        return 2;
     printf("%s\n", loom_shape_str(&t).s);
     loom_tensor_free(&t);
     return 0;

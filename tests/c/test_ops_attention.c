@@ -188,10 +188,10 @@ static void test_attention_basic_and_gqa(void) {
     loom_tensor_free(&v);
 }
 
-/* The sgemm route on one thread and on two, with heads shared out over the
- * threads (16 pairs of batch and head, a float mask, more queries than one
- * 256-row block) and, for 3 pairs that do not divide evenly, one head at a
- * time with threaded sgemm. */
+/* The sgemm route on one thread and on two. With 16 pairs of batch and head
+ * (a float mask, more queries than one 256-row block) the heads are shared
+ * out over the threads. With 3 pairs, which do not divide evenly, one head
+ * runs at a time with threaded sgemm. */
 static void test_attention_threads(void) {
     int64_t qs[4] = {2, 8, 270, 8}, ms[4] = {2, 1, 270, 270};
     loom_tensor q = random_tensor(LOOM_F32, 4, qs), k = random_tensor(LOOM_F32, 4, qs);

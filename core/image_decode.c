@@ -213,6 +213,75 @@ static const uint8_t *find_png_exif(const uint8_t *data, size_t size, size_t *ex
 
 /* ---------------------------------------------------------- stb_image path */
 
+/* stb_image's short failure reasons, grouped by what they mean to a user.
+ * The list covers the reasons stb_image 2.27 gives for PNG, BMP and GIF. */
+static const struct {
+    const char *reason;
+    const char *meaning;
+} stb_reasons[] = {
+    {"outofdata", "the file is truncated or corrupt"},
+    {"read past buffer", "the file is truncated or corrupt"},
+    {"not enough pixels", "the file is truncated or corrupt"},
+    {"no IDAT", "the file is truncated or corrupt"},
+    {"unknown image type", "the file is truncated or corrupt"},
+    {"zlib corrupt", "the compressed pixel data is corrupt"},
+    {"bad zlib header", "the compressed pixel data is corrupt"},
+    {"bad huffman code", "the compressed pixel data is corrupt"},
+    {"bad codelengths", "the compressed pixel data is corrupt"},
+    {"bad dist", "the compressed pixel data is corrupt"},
+    {"output buffer limit", "the compressed pixel data is corrupt"},
+    {"bad png sig", "the PNG signature is invalid"},
+    {"not GIF", "the GIF header is invalid"},
+    {"too large", "the image dimensions are too large or corrupt"},
+    {"0-pixel image", "the image has zero width or height"},
+    {"outofmem", "out of memory"},
+};
+
+/* Report whether a PNG's chunk list ends before its IEND chunk, which is
+ * how a cut-off download or copy looks. */
+static bool png_is_truncated(const uint8_t *data, size_t size) {
+    size_t pos = 8;
+    while (pos < size) {
+        if (size - pos < 12)
+            return true;
+        uint32_t length = read_be32(data + pos);
+        if (length > size - pos - 12)
+            return true;
+        if (memcmp(data + pos + 4, "IEND", 4) == 0)
+            return false;
+        pos += 12 + (size_t)length;
+    }
+    return true;
+}
+
+/* Format why stb_image failed into buf as a plain phrase that keeps stb's own
+ * reason in brackets. stb_image leaves the reason empty or unset on some
+ * paths for cut-off data, and the caller clears it before each call, so an
+ * empty reason is reported as truncated or corrupt data. A PNG whose chunks
+ * run past the end of the data is reported as truncated whatever stb reports,
+ * because stb then names a chunk type made of the missing bytes. */
+static const char *describe_stb_failure(char *buf, size_t size, const uint8_t *data, size_t data_size,
+                                        loom_image_format format) {
+    const char *reason = stbi_failure_reason();
+    if (!reason || !reason[0]) {
+        snprintf(buf, size, "truncated or corrupt %s data", loom_image_format_name(format));
+        return buf;
+    }
+    const char *meaning = NULL;
+    for (size_t i = 0; i < sizeof stb_reasons / sizeof stb_reasons[0]; i++)
+        if (strcmp(reason, stb_reasons[i].reason) == 0)
+            meaning = stb_reasons[i].meaning;
+    if (format == LOOM_IMAGE_FORMAT_PNG && png_is_truncated(data, data_size)) {
+        if (meaning)
+            snprintf(buf, size, "the file is truncated or corrupt (stb_image: %s)", reason);
+        else
+            snprintf(buf, size, "the file is truncated or corrupt: its chunks end before the IEND chunk");
+        return buf;
+    }
+    snprintf(buf, size, "%s (stb_image: %s)", meaning ? meaning : "the file is invalid or corrupt", reason);
+    return buf;
+}
+
 static int decode_with_stb(loom_image *out, const uint8_t *data, size_t size, const char *name,
                            loom_image_format format, uint64_t max_pixels) {
     int width, height, channels;
@@ -221,18 +290,22 @@ static int decode_with_stb(loom_image *out, const uint8_t *data, size_t size, co
     if (size > INT_MAX)
         return loom_error("%s image '%s' is %zu bytes, more than stb_image's limit of %d bytes", fname,
                           display_name(name), size, INT_MAX);
+    char why[128];
+    /* stb_image keeps the reason of an earlier failure unless a new one is set. */
+    stbi__g_failure_reason = NULL;
     if (!stbi_info_from_memory(data, (int)size, &width, &height, &channels))
-        return loom_error("decoding %s image '%s' failed: stb_image reports '%s'", fname, display_name(name),
-                          stbi_failure_reason());
+        return loom_error("decoding %s image '%s' failed: %s", fname, display_name(name),
+                          describe_stb_failure(why, sizeof why, data, size, format));
     if (check_pixel_limit(name, format, (uint64_t)width, (uint64_t)height, max_pixels) != 0)
         return LOOM_ERR;
 
     bool is16 = format == LOOM_IMAGE_FORMAT_PNG && stbi_is_16_bit_from_memory(data, (int)size);
+    stbi__g_failure_reason = NULL;
     void *pixels = is16 ? (void *)stbi_load_16_from_memory(data, (int)size, &width, &height, &channels, 0)
                         : (void *)stbi_load_from_memory(data, (int)size, &width, &height, &channels, 0);
     if (!pixels)
-        return loom_error("decoding %s image '%s' failed: stb_image reports '%s'", fname, display_name(name),
-                          stbi_failure_reason());
+        return loom_error("decoding %s image '%s' failed: %s", fname, display_name(name),
+                          describe_stb_failure(why, sizeof why, data, size, format));
     if (channels < 1 || channels > 4) {
         stbi_image_free(pixels);
         return loom_error("decoding %s image '%s' failed: stb_image returned %d channels", fname,

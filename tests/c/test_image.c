@@ -1076,7 +1076,28 @@ static void test_unsupported_and_broken(void) {
     write_bytes(tmp("truncated.png"), png, n / 2);
     CHECK_ERROR(loom_image_load(&img, tmp("truncated.png"), NULL), "decoding PNG image");
     CHECK(strstr(loom_last_error(), "truncated.png") != NULL, "truncated PNG error: %s", loom_last_error());
-    CHECK(strstr(loom_last_error(), "stb_image reports") != NULL, "truncated PNG error: %s", loom_last_error());
+    CHECK(strstr(loom_last_error(), "truncated or corrupt") != NULL, "truncated PNG error: %s",
+          loom_last_error());
+
+    /* Cuts inside the signature's tail, the IHDR chunk, the IDAT chunk and
+     * just before IEND. Each cut follows a failed GIF decode, whose stale
+     * stb_image reason must not show in the PNG message. */
+    size_t cuts[] = {9, 12, 20, 33, 40, 60, n / 4, n / 2, n - 20};
+    for (size_t i = 0; i < sizeof cuts / sizeof cuts[0]; i++) {
+        char cut_name[64];
+        snprintf(cut_name, sizeof cut_name, "cut-%zu.png", cuts[i]);
+        uint8_t gif[] = {'G', 'I', 'F', '8', '9', 'a'};
+        loom_image_decode(&img, gif, sizeof gif, "stub.gif", NULL);
+        CHECK_ERROR(loom_image_decode(&img, png, cuts[i], cut_name, NULL), "decoding PNG image");
+        const char *msg = loom_last_error();
+        CHECK(strstr(msg, cut_name) != NULL, "PNG cut at %zu bytes: error does not name it: %s", cuts[i], msg);
+        CHECK(strstr(msg, "truncated or corrupt") != NULL, "PNG cut at %zu bytes: %s", cuts[i], msg);
+        CHECK(strstr(msg, "''") == NULL, "PNG cut at %zu bytes: empty reason in %s", cuts[i], msg);
+        CHECK(strstr(msg, "(null)") == NULL, "PNG cut at %zu bytes: null reason in %s", cuts[i], msg);
+        CHECK(strstr(msg, "reports 'outofdata'") == NULL, "PNG cut at %zu bytes: bare reason in %s", cuts[i], msg);
+        CHECK(strstr(msg, "reports 'unknown image type'") == NULL, "PNG cut at %zu bytes: bare reason in %s",
+              cuts[i], msg);
+    }
     free(png);
 
     buf jpg = make_jpeg(px, w, h, 3, JCS_RGB, JCS_YCbCr, 90, NULL, 0);

@@ -307,6 +307,7 @@ typedef struct parse_ctx {
     size_t header_len;           /* N, the JSON header's length */
     size_t data_start;           /* 8 + N */
     size_t data_len;             /* size - data_start */
+    size_t described_len;        /* the largest data_offsets end in the header */
     int file_index;
 } parse_ctx;
 
@@ -387,15 +388,41 @@ static int parse_data_offsets(const parse_ctx *cx, entry *e, const cJSON *offset
                            json_text(offsets, text, sizeof text));
     if (begin > end)
         return entry_error(cx, e, "data_offsets [%" PRIu64 ", %" PRIu64 "] have begin > end", begin, end);
-    if (end > cx->data_len)
-        return entry_error(cx, e,
-                           "data_offsets [%" PRIu64 ", %" PRIu64 "] end past the data section "
-                           "(expected end <= %zu, the data section spans file bytes %zu..%zu)",
-                           begin, end, cx->data_len, cx->data_start, cx->size);
+    /* described_len >= end here, so the header describes more data than the
+     * file holds: say that first, then name this entry, the first one past
+     * the end in header order. */
+    if (end > cx->data_len) {
+        char where[96];
+        describe_entry_position(cx, e, where, sizeof where);
+        return loom_error("'%s': file is %zu bytes but its header describes %zu bytes of data (a %zu-byte "
+                          "file): the file is truncated at tensor '%s' (%s): data_offsets [%" PRIu64 ", %" PRIu64
+                          "] end past the data section (expected end <= %zu, the data section spans file bytes "
+                          "%zu..%zu)",
+                          cx->file, cx->size, cx->described_len, cx->data_start + cx->described_len, e->name,
+                          where, begin, end, cx->data_len, cx->data_start, cx->size);
+    }
     e->begin = (size_t)begin;
     e->end = (size_t)end;
     e->offsets_known = true;
     return LOOM_OK;
+}
+
+/* Return the largest data_offsets end among the header's entries, skipping
+ * malformed entries, which parse_entry reports later. */
+static size_t described_data_len(const cJSON *root) {
+    const cJSON *item;
+    uint64_t largest = 0;
+    cJSON_ArrayForEach(item, root) {
+        const cJSON *offsets = cJSON_GetObjectItemCaseSensitive(item, "data_offsets");
+        uint64_t begin, end;
+        if (strcmp(item->string, "__metadata__") == 0 || !cJSON_IsArray(offsets) ||
+            cJSON_GetArraySize(offsets) != 2 || !json_uint(cJSON_GetArrayItem(offsets, 0), &begin) ||
+            !json_uint(cJSON_GetArrayItem(offsets, 1), &end) || begin > end)
+            continue;
+        if (end > largest)
+            largest = end;
+    }
+    return largest > SIZE_MAX ? SIZE_MAX : (size_t)largest;
 }
 
 static int parse_dtype(const parse_ctx *cx, entry *e, const cJSON *dtype) {
@@ -671,6 +698,7 @@ static int parse_image(loom_checkpoint *ck, loom_storage *storage, const char *f
         goto done;
     }
 
+    cx.described_len = described_data_len(root);
     cJSON_ArrayForEach(item, root) {
         if (strcmp(item->string, "__metadata__") == 0) {
             if (seen_metadata) {

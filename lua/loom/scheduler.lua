@@ -108,8 +108,49 @@ M.Scheduler = Scheduler
 --                         reads). By default each prompt runs in a pass of
 --                         its own, as a single run computes it, so that
 --                         its rows take the same kernels.
+-- The model methods the scheduler calls, which loom.llava's models have and
+-- other model families lack.
+local MODEL_METHODS = { "encode_prompts", "encode_images", "preprocess", "build_inputs" }
+
+-- Return why `model` cannot be scheduled, for an argument error, or nil
+-- when it has everything the scheduler calls.
+local function check_model(model)
+  local kind = type(model)
+  if kind ~= "table" then
+    local mt = getmetatable(model)
+    local name = kind == "userdata" and type(mt) == "table" and mt.__name or kind
+    return string.format("expected a loom.llava model, got %s", name)
+  end
+  for _, name in ipairs(MODEL_METHODS) do
+    if type(model[name]) ~= "function" then
+      return string.format("expected a loom.llava model, got a table without the '%s' method", name)
+    end
+  end
+  if type(model.lm) ~= "table" or math.type(model.context) ~= "integer" then
+    return "expected a loom.llava model, got a table without its 'lm' decoder or 'context' length"
+  end
+  return nil
+end
+
+local function check_count(opts, name)
+  local v = opts[name]
+  if v ~= nil and (math.type(v) ~= "integer" or v < 1) then
+    error(string.format("bad argument #2 to 'scheduler.new' (opts.%s must be a positive integer, got %s)",
+      name, tostring(v)), 3)
+  end
+end
+
 function M.new(model, opts)
+  local problem = check_model(model)
+  if problem then error("bad argument #1 to 'scheduler.new' (" .. problem .. ")", 2) end
+  if opts ~= nil and type(opts) ~= "table" then
+    error(string.format("bad argument #2 to 'scheduler.new' (expected an options table or nil, got %s)",
+      type(opts)), 2)
+  end
   opts = opts or {}
+  check_count(opts, "max_batch")
+  check_count(opts, "max_images")
+  check_count(opts, "max_step_tokens")
   local self = setmetatable({
     model = model,
     max_batch = opts.max_batch or 8,

@@ -171,6 +171,22 @@ run("bf16 batched logits bitwise", function()
   check.equal(worst, 0, "batched logits equal single-run logits exactly")
 end)
 
+run("scheduler.new checks arguments", function()
+  check.checkerror(function() scheduler.new(nil) end,
+    "bad argument #1 to 'scheduler.new' (expected a loom.llava model, got nil)")
+  check.checkerror(function() scheduler.new("model") end, "(expected a loom.llava model, got string)")
+  check.checkerror(function() scheduler.new(loom.zeros({ 2 })) end, "(expected a loom.llava model, got loom.Tensor)")
+  local blip2 = require("loom.blip2").load(root .. "examples/models/tiny-blip2")
+  check.checkerror(function() scheduler.new(blip2) end,
+    "bad argument #1 to 'scheduler.new' (expected a loom.llava model, got a table without the 'encode_prompts' method)")
+  check.checkerror(function() scheduler.new(model, 8) end,
+    "bad argument #2 to 'scheduler.new' (expected an options table or nil, got number)")
+  check.checkerror(function() scheduler.new(model, { max_batch = 0 }) end,
+    "bad argument #2 to 'scheduler.new' (opts.max_batch must be a positive integer, got 0)")
+  check.checkerror(function() scheduler.new(model, { max_images = 2.5 }) end, "opts.max_images must be a positive integer")
+  check.check(scheduler.new(model, { max_batch = 2 }).max_batch == 2, "a loom.llava model is accepted")
+end)
+
 run("ragged step equals forward", function()
   -- one prefill and one decode step of two sequences against lm:forward
   local lm = model.lm

@@ -108,17 +108,24 @@ local function check_option(name, value)
   end
 end
 
--- The id of a decoded job as a string, or nil when it has none.
-local function job_id(job)
-  local id = job.id
+-- The key that identifies a job or result id: the id itself for a
+-- non-empty string and its decimal text for an integer, so 7 and "7" name
+-- the same job. nil for anything that is not an id.
+local function id_key(id)
   if math.type(id) == "integer" then return tostring(id) end
   if type(id) == "string" and id ~= "" then return id end
   return nil
 end
+M.id_key = id_key
+
+local function job_id(job)
+  return id_key(job.id)
+end
 
 -- Read the jobs file: a list of entries {line, id, job} for well-formed
 -- lines and {line, id = "line:N", error, kind} for lines that are not a
--- JSON object with an id. Blank lines are skipped.
+-- JSON object with an id. An entry's id is the id's key (id_key), while
+-- job.id keeps the id as the line gives it. Blank lines are skipped.
 function M.read_jobs(path)
   local f, err = io.open(path, "rb")
   if not f then return nil, string.format("cannot read the jobs file: %s", err) end
@@ -159,9 +166,14 @@ Results.__index = Results
 
 -- Open (or create) the results file for appending. A last line without its
 -- newline, left by a run killed in the middle of a write, is cut off. Then
--- the ids of the complete lines are read. Returns the Results object, or
--- nil and a message.
-function M.open_results(path)
+-- the ids of the complete lines are read, as keys (id_key) in self.done.
+-- With opts.create == false a missing file is not created: the Results
+-- object then has no fd and no ids, and M.run opens it once the model has
+-- loaded. Returns the Results object, or nil and a message.
+function M.open_results(path, opts)
+  if opts and opts.create == false and uv.fs_stat(path) == nil then
+    return setmetatable({ path = path, done = {}, count = 0, torn_bytes = 0, bad_lines = 0, unsynced = 0 }, Results)
+  end
   local fd, message = uv.fs_open(path, "a+")
   if not fd then return nil, "cannot open the results file: " .. message end
   local stat = assert(uv.fs_fstat(fd))
@@ -186,8 +198,8 @@ function M.open_results(path)
 
   for line in text:gmatch("([^\n]*)\n") do
     local ok, record = pcall(json.decode, line)
-    local id = ok and type(record) == "table" and record.id
-    if type(id) == "string" then
+    local id = ok and type(record) == "table" and id_key(record.id)
+    if id then
       if not self.done[id] then self.count = self.count + 1 end
       self.done[id] = true
     elseif line:find("%S") then
@@ -206,7 +218,7 @@ function Results:append(record)
     error(string.format("cannot write to the results file %s: %s", self.path,
       message or string.format("%d of %d bytes written", n or 0, #line)), 0)
   end
-  self.done[record.id] = true
+  self.done[id_key(record.id)] = true
   self.unsynced = self.unsynced + 1
 end
 
@@ -218,6 +230,7 @@ function Results:fsync()
 end
 
 function Results:close()
+  if self.fd == nil then return end
   self:fsync()
   async.fs.close(self.fd)
 end
@@ -352,7 +365,7 @@ PIPELINES.llava = {
     timings.image_ms = elapsed(t0)
 
     t0 = now_ms()
-    local ok, ids = pcall(prompt.encode, pool_tokenizer(model.tokenizer), text, {
+    local ok, ids, expanded = pcall(prompt.encode, pool_tokenizer(model.tokenizer), text, {
       images = #paths, image_token_id = model.image_token_id, bos_id = model.bos_id,
       tokens_per_image = model.tokens_per_image, context = model.context,
       legacy = model.tokenizer_settings and model.tokenizer_settings.legacy,
@@ -367,8 +380,10 @@ PIPELINES.llava = {
     opts.input_ids, opts.images = { ids }, pixels
     local result = ctx.scheduler and ctx.scheduler:generate(opts) or model:generate(opts)
     timings.generate_ms = elapsed(t0)
+    -- the prompt's length in the decoder: each image token counts as the
+    -- tokens_per_image positions of its features
     return { text = result.text, tokens = #result.tokens, finish_reason = result.finish_reason,
-      prompt_tokens = #ids }
+      prompt_tokens = expanded }
   end,
 }
 
@@ -472,7 +487,8 @@ M.PIPELINES = PIPELINES
 local function run_job(ctx, entry)
   local t0 = now_ms()
   local timings = {}
-  local record = { id = entry.id }
+  -- the id as the job gives it, so an integer id stays an integer
+  local record = { id = entry.job and entry.job.id or entry.id }
   if entry.error then
     record.error, record.error_kind = entry.error, entry.kind
     return record
@@ -623,7 +639,9 @@ function M.run(opts)
     end
   end
 
-  local results, open_error = M.open_results(opts.output)
+  -- a missing results file is created only once the model has loaded, so
+  -- a model that fails to load leaves no empty file behind
+  local results, open_error = M.open_results(opts.output, { create = false })
   if results == nil then error(open_error, 0) end
   local pending = {}
   for _, entry in ipairs(jobs) do
@@ -686,6 +704,10 @@ function M.run(opts)
       error(string.format("cannot load the %s model from '%s': %s", opts.pipeline, tostring(opts.model), message), 0)
     end
     ctx.model = model
+  end
+  if results.fd == nil then
+    results, open_error = M.open_results(opts.output)
+    if results == nil then error(open_error, 0) end
   end
   if opts.pipeline == "llava" and opts.batching ~= false and concurrency > 1 then
     ctx.scheduler = require("loom.scheduler").new(ctx.model, { max_batch = opts.max_batch })

@@ -255,6 +255,77 @@ run("bad jobs mixed in", function()
   check.check(contains(stderr, "9/9 done, 7 failed"), "the progress line counts the failures: " .. stderr)
 end)
 
+run("integer ids keep their type", function()
+  local dir = temp_dir()
+  local out = dir .. "/r.jsonl"
+  write_file(dir .. "/jobs.jsonl", table.concat({
+    json.encode({ id = 1, image = IMAGE, prompt = "One?", max_new_tokens = 2 }),
+    json.encode({ id = "two", image = IMAGE, prompt = "Two?", max_new_tokens = 2 }),
+    json.encode({ id = 3, image = IMAGE, prompt = "Three?", max_new_tokens = 2 }),
+  }, "\n") .. "\n")
+  -- job 3 is already done, written by an older run with the id as a string
+  write_file(out, '{"id":"3","text":"earlier","tokens":1}\n')
+  local opts = { pipeline = "llava", model_object = model, input = dir .. "/jobs.jsonl", output = out,
+    progress = false, quiet = true }
+  local summary = batch.run(opts)
+  check.equal(summary.already, 1, "the string id \"3\" in the results matches job 3")
+  check.equal(summary.done, 2, "jobs 1 and two ran")
+  local text = read_file(out)
+  check.check(contains(text, '"id":1,'), "the integer id is written as 1: " .. text)
+  check.check(not contains(text, '"id":"1"'), "the integer id is not written as a string: " .. text)
+  check.check(contains(text, '"id":"two"'), "the string id stays a string: " .. text)
+
+  local again = batch.run(opts)
+  check.equal(again.already, 3, "a rerun finds every id, integer ones included")
+  check.equal(again.done, 0, "a rerun runs nothing")
+  check.equal(read_file(out), text, "a rerun leaves the results unchanged")
+  check.equal(batch.id_key(7), "7", "an integer id's key is its decimal text")
+  check.equal(batch.id_key("7"), "7", "a string id is its own key")
+  check.check(batch.id_key(7.5) == nil and batch.id_key("") == nil, "a float or empty id has no key")
+end)
+
+run("prompt_tokens counts image positions", function()
+  local dir = temp_dir()
+  local out = dir .. "/r.jsonl"
+  local question = "What is in the picture?"
+  write_file(dir .. "/jobs.jsonl", table.concat({
+    json.encode({ id = "one", image = IMAGE, question = question, max_new_tokens = 1 }),
+    json.encode({ id = "text", question = question, max_new_tokens = 1 }),
+  }, "\n") .. "\n")
+  batch.run({ pipeline = "llava", model_object = model, input = dir .. "/jobs.jsonl", output = out,
+    progress = false, quiet = true })
+  local records = read_results(out)
+  local per_image = model.tokens_per_image
+  check.check(per_image > 1, "the tiny model expands an image to several positions")
+  -- two images of 64 positions would not fit the tiny model's context of 256
+  for id, images in pairs({ one = 1, text = 0 }) do
+    -- reference: the prompt's ids with one image token per image, plus the
+    -- positions each image's features add beyond that token
+    local ids = prompt.encode(model.tokenizer, prompt.llava_v1(question, { images = images }), {
+      images = images, image_token_id = model.image_token_id, bos_id = model.bos_id })
+    local expected = #ids + images * (per_image - 1)
+    check.check(records[id] ~= nil and records[id].error == nil, "job '" .. id .. "' ran")
+    check.equal(records[id] and records[id].prompt_tokens, expected, "prompt_tokens of '" .. id .. "'")
+  end
+end)
+
+run("failed model load writes nothing", function()
+  local dir = temp_dir()
+  write_file(dir .. "/jobs.jsonl", job_line("a") .. "\n")
+  local out = dir .. "/r.jsonl"
+  local ok, err = pcall(batch.run, { pipeline = "llava", model = dir .. "/no-model", input = dir .. "/jobs.jsonl",
+    output = out, progress = false, quiet = true })
+  check.check(not ok, "the batch fails")
+  check.check(contains(tostring(err), "cannot load the llava model"), "the error names the load: " .. tostring(err))
+  check.check(read_file(out) == nil, "no results file is created")
+
+  local code, stderr = run_batch({ "--pipeline", "llava", "--model", dir .. "/no-model", "--input",
+    dir .. "/jobs.jsonl", "--output", out })
+  check.check(code ~= 0, "the script exits with an error status")
+  check.check(contains(stderr, "cannot load the llava model"), "the script names the load: " .. stderr)
+  check.check(read_file(out) == nil, "the script creates no results file")
+end)
+
 run("kill -9 and resume", function()
   local dir = temp_dir()
   local lines = {}

@@ -5,7 +5,7 @@
  * figure is the best of several short repetitions, so that other processes
  * on a shared machine disturb it less, and the load average read at the
  * time is printed beside it. Usage: bench_ops [seconds-per-measurement]
- * (default 1). */
+ * [sections] (default 1 and "1234"; see main). */
 #include <cblas.h>
 #include <immintrin.h>
 #include <omp.h>
@@ -408,19 +408,9 @@ static void bench_clip_layer(double seconds) {
     clip_layer_free(&l16);
 }
 
-int main(int argc, char **argv) {
-    double seconds = argc > 1 ? atof(argv[1]) : 1.0;
-    if (seconds <= 0) seconds = 1.0;
-    print_machine();
-
-    /* (1) the sgemm bound */
-    /* 2048 rather than a larger size: each product takes about 50 ms, so the
-     * measurement has enough repetitions to find one that other processes
-     * left alone. */
-    double sg = sgemm_rate(2048, seconds * 2);
-    printf("\n(1) cblas_sgemm 2048x2048x2048: %.1f GFLOPS  [load %.2f]\n", sg, load_average());
-
-    /* (2) CLIP ViT-L MLP sizes: 577 tokens, 1024 -> 4096 and 4096 -> 1024 */
+/* (2) the many-row linear on CLIP ViT-L MLP sizes, every route, against the
+ * sgemm rate `sg` and the peaks of the bf16 instructions. */
+static void bench_linear_rows(double sg, double seconds) {
     bool has_bf16 = __builtin_cpu_supports("avx512bf16"), has_amx = loom_amx_bf16_usable();
     double dp_peak = has_bf16 ? dpbf16_peak(seconds * 0.5) : 0;
     double tile_peak = has_amx ? amx_peak(seconds * 0.5) : 0;
@@ -456,6 +446,10 @@ int main(int argc, char **argv) {
         loom_tensor_free(&w16);
     }
 
+}
+
+/* (3) one-row linear (decoding) against the streaming-read bandwidth. */
+static void bench_decode(double seconds) {
     /* (3) decoding: one row against 4096x4096 bf16 weights. A set of 16
      * weights (512 MiB) is cycled so that each call reads its weight from
      * memory rather than from a cache, as in a model with many layers. */
@@ -506,7 +500,26 @@ int main(int argc, char **argv) {
     for (int i = 0; i < NW; i++) loom_tensor_free(&wd[i]);
     loom_tensor_free(&x1);
     loom_tensor_free(&y1);
+}
 
-    bench_clip_layer(seconds * 4);
+/* Usage: bench_ops [seconds] [sections], where sections lists the parts to
+ * run as digits (default "1234"); the linear section (2) needs the sgemm
+ * figure of section 1 and runs it too. */
+int main(int argc, char **argv) {
+    double seconds = argc > 1 ? atof(argv[1]) : 1.0;
+    if (seconds <= 0) seconds = 1.0;
+    const char *sections = argc > 2 ? argv[2] : "1234";
+    print_machine();
+
+    if (strchr(sections, '1') || strchr(sections, '2')) {
+        /* 2048 rather than a larger size: each product takes about 50 ms, so
+         * the measurement has enough repetitions to find one that other
+         * processes left alone. */
+        double sg = sgemm_rate(2048, seconds * 2);
+        printf("\n(1) cblas_sgemm 2048x2048x2048: %.1f GFLOPS  [load %.2f]\n", sg, load_average());
+        if (strchr(sections, '2')) bench_linear_rows(sg, seconds);
+    }
+    if (strchr(sections, '3')) bench_decode(seconds);
+    if (strchr(sections, '4')) bench_clip_layer(seconds * 4);
     return 0;
 }

@@ -13,7 +13,10 @@
 
 /* How loom_linear multiplies many rows of x by a 16-bit weight on
  * LOOM_PATH_BF16, fastest first. Each falls back to the next one when the
- * CPU (or the kernel, for AMX) does not support it. */
+ * CPU (or the kernel, for AMX) does not support it.
+ * NOTE: the AMX and AVX512-BF16 kernels flush subnormal inputs and
+ * subnormal sums to zero (the instructions do, measured on Sapphire
+ * Rapids), where the f32 route keeps them. */
 typedef enum loom_bf16_kernel {
     LOOM_BF16_KERNEL_AUTO = 0,   /* the fastest one available */
     LOOM_BF16_KERNEL_AMX,        /* AMX-BF16 tiles (TDPBF16PS) */

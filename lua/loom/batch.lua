@@ -679,6 +679,11 @@ function M.run(opts)
   local summary = { total = #jobs, already = already, done = 0, failed = 0, remaining = #pending,
     torn_bytes = results.torn_bytes, duplicates = #duplicates }
   if #pending == 0 then
+    -- nothing to run, so no model loads: create the file of an empty shard now
+    if results.fd == nil then
+      results, open_error = M.open_results(opts.output)
+      if results == nil then error(open_error, 0) end
+    end
     results:close()
     status.state = "done"
     summary.seconds, summary.jobs_per_s = 0, 0

@@ -324,6 +324,13 @@ run("failed model load writes nothing", function()
   check.check(code ~= 0, "the script exits with an error status")
   check.check(contains(stderr, "cannot load the llava model"), "the script names the load: " .. stderr)
   check.check(read_file(out) == nil, "the script creates no results file")
+
+  -- with no job to run no model loads, and the empty results file appears at once
+  write_file(dir .. "/none.jsonl", "\n")
+  local summary = batch.run({ pipeline = "llava", model = dir .. "/no-model", input = dir .. "/none.jsonl",
+    output = out, progress = false, quiet = true })
+  check.equal(summary.total, 0, "the jobs file has no jobs")
+  check.equal(read_file(out), "", "an empty results file is created")
 end)
 
 run("kill -9 and resume", function()

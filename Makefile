@@ -22,8 +22,9 @@ export PKG_CONFIG_PATH := $(OPENBLAS_DIR)/pkgconfig$(if $(PKG_CONFIG_PATH),:$(PK
 OPT     ?= -O2
 ARCHFLAGS ?= -march=native
 CFLAGS_BASE := -std=c11 -D_GNU_SOURCE -Wall -Wextra -fPIC $(OPT) $(ARCHFLAGS) -g
-DEPS_CFLAGS := $(shell $(PKG_CONFIG) --cflags $(PKGS) 2>/dev/null)
-DEPS_LIBS   := $(shell $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null)
+# make 4.3 does not pass exported variables to $(shell), so set the path here too.
+DEPS_CFLAGS := $(shell PKG_CONFIG_PATH=$(PKG_CONFIG_PATH) $(PKG_CONFIG) --cflags $(PKGS) 2>/dev/null)
+DEPS_LIBS   := $(shell PKG_CONFIG_PATH=$(PKG_CONFIG_PATH) $(PKG_CONFIG) --libs $(PKGS) 2>/dev/null)
 CFLAGS  += $(CFLAGS_BASE) $(DEPS_CFLAGS) -Icore -fopenmp -DLOOM_HAVE_ZLIB
 LDLIBS  += $(DEPS_LIBS) -Wl,-rpath,$(OPENBLAS_DIR) -lm -lpthread -ldl -fopenmp
 

@@ -33,7 +33,7 @@ local SHAPES = {
 }
 local FEATURE_LAYER = -2 -- LLaVA-1.5 takes the penultimate CLIP layer
 local PEAK_NAMES = { fma_f32 = "vfmadd231ps zmm", dpbf16 = "vdpbf16ps zmm (AVX512-BF16)",
-  amx_bf16 = "tdpbf16ps (AMX, unused)" }
+  amx_bf16 = "tdpbf16ps (AMX)" }
 local TEXT_TOKENS = 24   -- with 576 image tokens: a 600-position prompt
 local GiB = 1024 ^ 3
 
@@ -605,10 +605,14 @@ end
 local others, sgemm = measured(function() return sgemm_rate(4096, 5) end)
 row("sgemm 4096^3 (loom.matmul)", "f32", string.format("%.0f GFLOP/s", sgemm),
   peaks.fma_f32 and string.format("%.0f GFLOP/s", peaks.fma_f32), peaks.fma_f32 and sgemm / peaks.fma_f32, nil, others)
+-- LOOM_PATH_BF16 multiplies with AMX tiles when the CPU and the kernel
+-- allow them (as peak_gflops found), else with vdpbf16ps
+local bf16_peak = peaks.amx_bf16 or peaks.dpbf16
+local bf16_label = peaks.amx_bf16 and "bf16 (AMX)" or "bf16 (AVX512-BF16)"
 local bf16_rate
 others, bf16_rate = measured(function() return bf16_linear_rate(4096, 5) end)
-row("GEMM 4096^3 (loom.linear, bf16 weight)", "bf16", string.format("%.0f GFLOP/s", bf16_rate),
-  peaks.dpbf16 and string.format("%.0f GFLOP/s", peaks.dpbf16), peaks.dpbf16 and bf16_rate / peaks.dpbf16, nil, others)
+row("GEMM 4096^3 (loom.linear, bf16 weight)", bf16_label, string.format("%.0f GFLOP/s", bf16_rate),
+  bf16_peak and string.format("%.0f GFLOP/s", bf16_peak), bf16_peak and bf16_rate / bf16_peak, nil, others)
 collectgarbage()
 note_peak("rates")
 
@@ -643,60 +647,23 @@ row(string.format("read-sum of the decode weights (%.2f GiB)", decode_bytes / Gi
   string.format("%.1f GB/s (%.1f-%.1f)", median(bws) / 1e9, math.min(table.unpack(bws)) / 1e9,
   math.max(table.unpack(bws)) / 1e9), nil, nil, nil, others)
 
--- (3) image encode, f32 and bf16 paths
+-- (3) one request on the bf16 path: image encode, prefill of the
+-- 600-position prompt and the timed decode steps. The peak resident size is
+-- reset first (Linux: "5" in /proc/self/clear_refs) and read right after,
+-- so that it covers the mapped weights and this request, not the timing
+-- runs before and after it.
 local flops, run_layers = encode_flops()
 local pixels = loom.randn({ 1, 3, SHAPES.vision.image, SHAPES.vision.image }, { seed = 7 })
-for _, path in ipairs({ "f32", "bf16" }) do
-  local times
-  others, times = measured(function() return time_encode(model, pixels, path, opts.reps) end)
-  local rate = path == "f32" and sgemm or bf16_rate
-  local bound = flops / (rate * 1e9)
-  row(string.format("image encode (%d CLIP layers + projector, %.0f GFLOP)", run_layers, flops / 1e9), path,
-    string.format("%.3f s", median(times)), string.format("%.3f s", bound), bound / median(times),
-    path == "bf16" and "<= 1.5 s" or nil, others)
-  print(string.format("image encode on the %s path: %s s", path, numbers_text(times, "%.3f")))
-end
-
-note_peak("encode")
-
--- (4) prefill of 600 positions on both paths; each timed run's cache is
--- freed at once, so that a repeated run never holds two caches
-loom.set_linear_path("f32")
+collectgarbage()
+local clear = io.open("/proc/self/clear_refs", "w")
+local peak_reset = clear ~= nil and clear:write("5") ~= nil and clear:close() == true
+loom.set_linear_path("bf16")
 local features = model:encode_images(pixels)
 local inputs_embeds, _, positions, next_positions = model:build_inputs({ prompt_ids() }, nil, features)
 features:free()
 local t_prompt = inputs_embeds:size(2)
-local pflops = prefill_flops(t_prompt, layers)
 local capacity = t_prompt + opts.decode_steps + 1
-for _, path in ipairs({ "f32", "bf16" }) do
-  local seconds
-  others, seconds = measured(function()
-    local dt, cache = time_prefill(model, inputs_embeds, positions, path, capacity)
-    free_cache(cache)
-    return dt
-  end)
-  local rate = path == "f32" and sgemm or bf16_rate
-  local bound = pflops / (rate * 1e9)
-  row(string.format("prefill %d positions (%.0f GFLOP)", t_prompt, pflops / 1e9), path,
-    string.format("%.1f tok/s (%.2f s)", t_prompt / seconds, seconds),
-    string.format("%.1f tok/s", t_prompt / bound), bound / seconds, nil, others)
-end
-inputs_embeds:free()
-collectgarbage()
-note_peak("prefill")
-
--- (5) one request on the bf16 path: image encode, prefill and the timed
--- decode steps. The peak resident size is reset first (Linux: "5" in
--- /proc/self/clear_refs), so that it covers the weights and this request
--- only, not the timing runs above.
-local clear = io.open("/proc/self/clear_refs", "w")
-local peak_reset = clear ~= nil and clear:write("5") ~= nil and clear:close() == true
-loom.set_linear_path("bf16")
-features = model:encode_images(pixels)
-inputs_embeds, _, positions, next_positions = model:build_inputs({ prompt_ids() }, nil, features)
-features:free()
 local _, cache, logits = time_prefill(model, inputs_embeds, positions, "bf16", capacity)
-inputs_embeds:free()
 
 -- decode: a read-sum of the same weights just before and just after each
 -- step gives that step's bound
@@ -717,6 +684,44 @@ for i = 1, opts.decode_steps do
   step_bounds[i] = decode_bytes / ((before + after) / 2)
   position = position + 1
 end
+local request_peak = status_kib("VmHWM") * 1024
+note_peak("request")
+free_cache(cache)
+collectgarbage()
+
+-- (4) image encode, f32 and bf16 paths
+for _, path in ipairs({ "f32", "bf16" }) do
+  local times
+  others, times = measured(function() return time_encode(model, pixels, path, opts.reps) end)
+  local rate = path == "f32" and sgemm or bf16_rate
+  local bound = flops / (rate * 1e9)
+  row(string.format("image encode (%d CLIP layers + projector, %.0f GFLOP)", run_layers, flops / 1e9),
+    path == "bf16" and bf16_label or path,
+    string.format("%.3f s", median(times)), string.format("%.3f s", bound), bound / median(times),
+    path == "bf16" and "<= 1.5 s" or nil, others)
+  print(string.format("image encode on the %s path: %s s", path, numbers_text(times, "%.3f")))
+end
+note_peak("encode")
+
+-- (5) prefill of the same prompt on both paths; each timed run's cache is
+-- freed at once, so that a repeated run never holds two caches
+local pflops = prefill_flops(t_prompt, layers)
+for _, path in ipairs({ "f32", "bf16" }) do
+  local seconds
+  others, seconds = measured(function()
+    local dt, timed_cache = time_prefill(model, inputs_embeds, positions, path, capacity)
+    free_cache(timed_cache)
+    return dt
+  end)
+  local rate = path == "f32" and sgemm or bf16_rate
+  local bound = pflops / (rate * 1e9)
+  row(string.format("prefill %d positions (%.0f GFLOP)", t_prompt, pflops / 1e9), path == "bf16" and bf16_label or path,
+    string.format("%.1f tok/s (%.2f s)", t_prompt / seconds, seconds),
+    string.format("%.1f tok/s", t_prompt / bound), bound / seconds, nil, others)
+end
+note_peak("prefill")
+
+-- (6) decode and memory
 local ratios = {}
 for i = 1, #step_times do ratios[i] = step_bounds[i] / step_times[i] end
 row(string.format("decode, %.2f GB of weights per token", decode_bytes / 1e9), "bf16 weights, 1-row kernel",
@@ -724,13 +729,14 @@ row(string.format("decode, %.2f GB of weights per token", decode_bytes / 1e9), "
   median(ratios), ">= 0.85", median(step_others))
 print("decode steps (s): " .. numbers_text(step_times, "%.3f"))
 print("their bounds (s): " .. numbers_text(step_bounds, "%.3f"))
-note_peak("request")
-
--- (6) memory
-local peak = status_kib("VmHWM") * 1024
-row(peak_reset and "peak resident of the request (VmHWM)" or "peak resident of the whole run (VmHWM)", "",
-  string.format("%.2f GB", peak / 1e9), string.format("%.2f GB weights", weight_bytes / 1e9), peak / weight_bytes,
-  "<= 1.10")
+local run_peak = status_kib("VmHWM") * 1024
+row(peak_reset and "peak resident, one request (VmHWM)" or "peak resident, whole run (VmHWM)", "",
+  string.format("%.2f GB", request_peak / 1e9), string.format("%.2f GB weights", weight_bytes / 1e9),
+  request_peak / weight_bytes, "<= 1.10")
+if peak_reset then
+  row("peak resident, request and timing runs", "", string.format("%.2f GB", run_peak / 1e9),
+    string.format("%.2f GB weights", weight_bytes / 1e9), run_peak / weight_bytes)
+end
 print(string.format("resident at the end: %.2f GB file-backed, %.2f GB anonymous", status_kib("RssFile") * 1024 / 1e9,
   status_kib("RssAnon") * 1024 / 1e9))
 print("peak resident (GB) after each phase: " .. table.concat(peak_steps, ", ")

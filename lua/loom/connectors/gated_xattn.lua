@@ -120,7 +120,6 @@ local function openflamingo_parts(weights, name, cfg)
   return {
     norm = nn.LayerNorm(weights, name .. ".attn.norm", eps, d),
     q = nn.Linear(weights, name .. ".attn.to_q", { bias = false, in_features = d, out_features = inner }),
-    kv = kv,
     k = perceiver.linear_rows(kv, 1, inner),
     v = perceiver.linear_rows(kv, inner + 1, inner),
     out = nn.Linear(weights, name .. ".attn.to_out", { bias = false, in_features = inner, out_features = d }),
@@ -185,9 +184,8 @@ function Block:project_media(media)
     error(string.format("media features have width %d but the cross-attention keys expect %d",
       media:size(3), self.dim_visual), 2)
   end
-  local k, v = perceiver.project_kv(self, media)
-  k = k:reshape(b, n, h, hd):transpose(2, 3) -- (B, M*L, H*Dh) -> (B, H, M*L, Dh)
-  v = v:reshape(b, n, h, hd):transpose(2, 3) -- (B, M*L, H*Dh) -> (B, H, M*L, Dh)
+  local k = self.k:forward(media):view(b, n, h, hd):transpose(2, 3) -- (B, M*L, H*Dh) -> (B, H, M*L, Dh)
+  local v = self.v:forward(media):view(b, n, h, hd):transpose(2, 3) -- (B, M*L, H*Dh) -> (B, H, M*L, Dh)
   if self.k_norm then k = self.k_norm:forward(k) end
   local kv = { k = k, v = v }
   if self.cfg.without_media == "uniform" then

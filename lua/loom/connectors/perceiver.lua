@@ -48,16 +48,6 @@ function M.linear_rows(linear, start, count)
   return part
 end
 
--- Keys and values of x (..., in) through `module`'s projections: one GEMM
--- over the fused module.kv when there is one (in place of two narrower
--- ones), else module.k and module.v. Returns two (..., inner) tensors.
-function M.project_kv(module, x)
-  if module.kv == nil then return module.k:forward(x), module.v:forward(x) end
-  local kv = module.kv:forward(x) -- (..., 2 * inner)
-  local inner = module.k.out_features
-  return kv:narrow(-1, 1, inner), kv:narrow(-1, inner + 1, inner)
-end
-
 local function count_blocks(weights, layout, prefix)
   local n = 0
   while weights[layout.block(prefix, n) .. layout.latents_norm .. ".weight"] do n = n + 1 end
@@ -79,7 +69,6 @@ local function new_block(weights, name, layout, cfg)
   if layout.kv then
     -- a fused (2 * inner, dim) projection whose first half gives keys
     local kv = nn.Linear(weights, name .. layout.kv, { bias = false, in_features = d, out_features = 2 * inner })
-    self.kv = kv
     self.k = M.linear_rows(kv, 1, inner)
     self.v = M.linear_rows(kv, inner + 1, inner)
   else
@@ -107,9 +96,8 @@ function Block:attention(media, latents)
   local kv_in = loom.cat({ self.media_norm:forward(media), x }, 2) -- (N, S + L, D)
 
   local q = self.q:forward(x):view(n, l, h, hd):transpose(2, 3) -- (N, L, H*Dh) -> (N, H, L, Dh)
-  local k, v = M.project_kv(self, kv_in)
-  k = k:reshape(n, s + l, h, hd):transpose(2, 3) -- (N, S+L, H*Dh) -> (N, H, S+L, Dh)
-  v = v:reshape(n, s + l, h, hd):transpose(2, 3) -- (N, S+L, H*Dh) -> (N, H, S+L, Dh)
+  local k = self.k:forward(kv_in):view(n, s + l, h, hd):transpose(2, 3) -- (N, S+L, H*Dh) -> (N, H, S+L, Dh)
+  local v = self.v:forward(kv_in):view(n, s + l, h, hd):transpose(2, 3) -- (N, S+L, H*Dh) -> (N, H, S+L, Dh)
   if self.q_norm then
     q, k = self.q_norm:forward(q), self.k_norm:forward(k)
   end

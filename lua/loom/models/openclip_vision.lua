@@ -5,7 +5,6 @@
 -- so the computation is shared. OpenFlamingo feeds the perceiver the last
 -- block's tokens without the class token and, before open_clip 2.23,
 -- without ln_post.
-local loom = require("loom.core")
 local clip_vision = require("loom.models.clip_vision")
 local nn = require("loom.nn")
 
@@ -117,23 +116,6 @@ function M.clip_config(vision_cfg, quick_gelu)
   }
 end
 
--- Self-attention of a tower layer through open_clip's fused in_proj: one
--- GEMM for q, k and v in place of three narrower ones. M.new installs it as
--- every layer's attention method; the result equals the CLIP layer's up to
--- summation order.
-local function fused_attention(layer, x)
-  local b, n = x:size(1), x:size(2)
-  local h, hd = layer.cfg.num_attention_heads, layer.cfg.head_dim
-  local d = h * hd
-  local qkv = loom.linear(x, layer.in_proj_weight, layer.in_proj_bias) -- (B, N, 3D)
-  local q = qkv:narrow(3, 1, d):reshape(b, n, h, hd):transpose(2, 3) -- (B, N, D) -> (B, H, N, D/H)
-  local k = qkv:narrow(3, d + 1, d):reshape(b, n, h, hd):transpose(2, 3) -- (B, N, D) -> (B, H, N, D/H)
-  local v = qkv:narrow(3, 2 * d + 1, d):reshape(b, n, h, hd):transpose(2, 3) -- (B, N, D) -> (B, H, N, D/H)
-  local o = loom.attention(q, k, v, { causal = false })
-  o = o:transpose(2, 3):reshape(b, n, d) -- (B, H, N, D/H) -> (B, N, D)
-  return layer.out_proj:forward(o)
-end
-
 local Vision = {}
 Vision.__index = Vision
 
@@ -155,12 +137,6 @@ function M.new(cfg, weights, prefix, opts)
   local self = setmetatable({ name = opts.name or "vision", ln_post_on_tokens = opts.ln_post_on_tokens }, Vision)
   self.tower = clip_vision.new(clip_cfg, mapped, "vision_model", { name = "clip" })
   self.cfg = self.tower.cfg
-  for i, layer in ipairs(self.tower.layers) do
-    local block = string.format("%s.transformer.resblocks.%d.attn.", prefix, i - 1)
-    layer.in_proj_weight, layer.in_proj_bias = weights[block .. "in_proj_weight"], weights[block .. "in_proj_bias"]
-    layer.attention = fused_attention
-    layer.q_proj, layer.k_proj, layer.v_proj = nil, nil, nil -- views of in_proj, unused now
-  end
   return self
 end
 

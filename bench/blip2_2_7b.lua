@@ -419,13 +419,13 @@ local weight_bytes = stats.bytes - lm.embed_positions.weight:numel() * 2
 
 -- the tensors one decoding step reads in full, for the bandwidth bound
 local step_tensors, seen = {}, { [lm.embed_positions.weight] = true }
-local function collect(v)
-  if seen[v] then return end
-  seen[v] = true
-  if loom.is_tensor(v) then
-    step_tensors[#step_tensors + 1] = v
-  elseif type(v) == "table" then
-    for _, item in pairs(v) do collect(item) end
+local function collect(value)
+  if seen[value] then return end
+  seen[value] = true
+  if loom.is_tensor(value) then
+    step_tensors[#step_tensors + 1] = value
+  elseif type(value) == "table" then
+    for _, item in pairs(value) do collect(item) end
   end
 end
 collect(lm)
@@ -467,12 +467,12 @@ local function linears_run(tokens)
   local out_d, out_f, out_v = loom.empty({ 1, d }), loom.empty({ 1, f }), loom.empty({ 1, cfg.vocab_size })
   local start = bounds.clock()
   for _ = 1, tokens do
-    for _, layer in ipairs(lm.layers) do
-      for _, proj in ipairs({ layer.q_proj, layer.k_proj, layer.v_proj, layer.out_proj }) do
+    for _, l in ipairs(lm.layers) do
+      for _, proj in ipairs({ l.q_proj, l.k_proj, l.v_proj, l.out_proj }) do
         loom.linear(x_d, proj.weight, proj.bias, out_d)
       end
-      loom.linear(x_d, layer.fc1.weight, layer.fc1.bias, out_f)
-      loom.linear(x_f, layer.fc2.weight, layer.fc2.bias, out_d)
+      loom.linear(x_d, l.fc1.weight, l.fc1.bias, out_f)
+      loom.linear(x_f, l.fc2.weight, l.fc2.bias, out_d)
     end
     loom.linear(x_d, lm.lm_head.weight, nil, out_v)
   end

@@ -146,7 +146,8 @@ run("tokenizer matches full GPT-2 on common words", function()
   -- expected ids of single words, each of which the pre-tokenizer keeps whole
   local full = assert(loom.tokenizer.load_bpe_files(GPT2_DIR .. "/encoder.json", GPT2_DIR .. "/vocab.bpe"))
   local kept = TOK:vocab_size() - SHIFT
-  local text = read_file(root .. "tests/golden/blip2/README.txt") .. read_file(root .. "tests/golden/tokenizers/README.txt")
+  local text = read_file(root .. "tests/golden/blip2/README.txt")
+    .. read_file(root .. "tests/golden/tokenizers/README.txt")
   local compared, seen = 0, {}
   for word in text:gmatch(" %a+") do
     if not seen[word] then

@@ -83,8 +83,9 @@ run("no tokenizer file", function()
 
   -- vocab.json alone is not a tokenizer
   copy_files(BLIP2_DIR, dir, { "vocab.json" })
-  tok, message, code = tokenizers.load(dir)
-  check.equal(code, "ENOENT", "vocab.json without merges.txt")
+  local half, _, half_code = tokenizers.load(dir)
+  check.equal(half, nil, "vocab.json without merges.txt gives no tokenizer")
+  check.equal(half_code, "ENOENT", "vocab.json without merges.txt")
 end)
 
 run("vocab.json and merges.txt", function()
@@ -165,12 +166,14 @@ run("broken files", function()
   copy_files(BLIP2_DIR, dir, BPE_FILES)
   write_file(dir .. "/added_tokens.json", "[1, 2")
   tok, message, code = tokenizers.load(dir)
+  check.equal(tok, nil, "no tokenizer with a broken added_tokens.json")
   check.equal(code, "EFORMAT", "code of a broken added_tokens.json")
   check.check(message:find("added_tokens.json: invalid JSON", 1, true), "message names the file: " .. message)
 
   -- an added token must get the id the file gives it
   write_file(dir .. "/added_tokens.json", json.encode({ ["<image>"] = 5000 }))
   tok, message, code = tokenizers.load(dir)
+  check.equal(tok, nil, "no tokenizer with a wrong added token id")
   check.equal(code, "EFORMAT", "code of a wrong added token id")
   check.check(message:find("token '<image>' has id 5000 but the tokenizer gives it id 3260", 1, true),
     "message gives both ids: " .. message)
@@ -178,6 +181,7 @@ run("broken files", function()
   os.remove(dir .. "/added_tokens.json")
   write_file(dir .. "/tokenizer_config.json", "{")
   tok, message, code = tokenizers.load(dir)
+  check.equal(tok, nil, "no tokenizer with a broken tokenizer_config.json")
   check.equal(code, "EFORMAT", "code of a broken tokenizer_config.json")
   check.check(message:find("tokenizer_config.json: invalid JSON", 1, true), "message names the file: " .. message)
 end)
@@ -216,7 +220,8 @@ run("loader codes", function()
   for _, case in ipairs(cases) do
     local tok, message, code = case[2]()
     check.equal({ tok, code }, { nil, case[3] }, case[1])
-    check.check(message and message:find(case[4], 1, true), case[1] .. ": message names the path: " .. tostring(message))
+    check.check(message and message:find(case[4], 1, true),
+      case[1] .. ": message names the path: " .. tostring(message))
   end
 
   local binary = dir .. "/binary.model"
@@ -231,6 +236,7 @@ run("loader codes", function()
   write_file(bad_merges, "#version: 0.2\nonly-one-field\n")
   tok, message, code = tk.load_bpe_files(BLIP2_DIR .. "/vocab.json", bad_merges)
   check.equal({ tok, code }, { nil, "EFORMAT" }, "load_bpe_files of a malformed merges file")
+  check.check(message:find(bad_merges, 1, true), "malformed merges message names the file: " .. message)
 end)
 
 for _, dir in ipairs(dirs) do os.execute("rm -rf " .. quote(dir)) end

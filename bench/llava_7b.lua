@@ -1,9 +1,10 @@
 -- Benchmark of LLaVA-1.5-7B shapes with random bf16 weights. Each figure
--- is printed beside a bound measured in the same run: instruction peaks and
--- GEMM rates, the streaming read bandwidth, image encode and prefill on the
--- f32 and bf16 paths against their FLOP bounds, decode seconds per token
--- against weight bytes / bandwidth (measured beside each step), and peak
--- resident memory against the bytes of the memory-mapped weights.
+-- is printed beside a bound measured in the same run. The rates are the
+-- instruction peaks, the GEMM rates of both paths and the streaming read
+-- bandwidth. Image encode and prefill on the f32 and bf16 paths are set
+-- against their FLOP bounds, decode seconds per token against weight bytes
+-- over the bandwidth measured beside each step, and the peak resident size
+-- against the bytes of the memory-mapped weights.
 -- The weights (about 14 GB) are written once by Loom as sharded safetensors
 -- into a cache directory and reused. Usage (bin/loom, or lua5.4 with the
 -- loom paths):
@@ -365,18 +366,25 @@ end
 -- ---------------------------------------------------------------------------
 -- Measurements
 
+-- Best GFLOP/s over repetitions of `fn` (one n x n x n product) for at
+-- least `seconds`, after one warm-up call.
+local function best_rate(n, seconds, fn)
+  fn()
+  local best, start = 0, bench.now()
+  repeat
+    local t = bench.now()
+    fn()
+    best = math.max(best, 2 * n ^ 3 / (bench.now() - t) / 1e9)
+  until bench.now() - start >= seconds
+  return best
+end
+
 -- Best GFLOP/s of a square f32 matmul through loom.matmul.
-local function sgemm_rate(n, reps)
+local function sgemm_rate(n, seconds)
   local a = loom.randn({ n, n }, { seed = 101 })
   local b = loom.randn({ n, n }, { seed = 102 })
   local c = loom.empty({ n, n })
-  loom.matmul(a, b, c)
-  local best = 0
-  for _ = 1, reps do
-    local t = bench.now()
-    loom.matmul(a, b, c)
-    best = math.max(best, 2 * n ^ 3 / (bench.now() - t) / 1e9)
-  end
+  local best = best_rate(n, seconds, function() loom.matmul(a, b, c) end)
   a:free()
   b:free()
   c:free()
@@ -385,19 +393,13 @@ end
 
 -- Best GFLOP/s of loom.linear with a bf16 weight on the bf16 path: x (n, n)
 -- f32 against w (n, n) bf16.
-local function bf16_linear_rate(n, reps)
+local function bf16_linear_rate(n, seconds)
   local x = loom.randn({ n, n }, { seed = 103 })
   local w = loom.randn({ n, n }, { seed = 104, std = 0.02, dtype = "bf16" })
   local y = loom.empty({ n, n })
   local saved = loom.get_linear_path()
   loom.set_linear_path("bf16")
-  loom.linear(x, w, nil, y)
-  local best = 0
-  for _ = 1, reps do
-    local t = bench.now()
-    loom.linear(x, w, nil, y)
-    best = math.max(best, 2 * n ^ 3 / (bench.now() - t) / 1e9)
-  end
+  local best = best_rate(n, seconds, function() loom.linear(x, w, nil, y) end)
   loom.set_linear_path(saved)
   x:free()
   w:free()
@@ -602,7 +604,7 @@ for _, kind in ipairs({ "fma_f32", "dpbf16", "amx_bf16" }) do
   row(string.format("peak of %s", PEAK_NAMES[kind]), kind == "fma_f32" and "f32" or "bf16",
     rate and string.format("%.0f GFLOP/s", rate) or why_not, nil, nil, nil, share)
 end
-local others, sgemm = measured(function() return sgemm_rate(4096, 5) end)
+local others, sgemm = measured(function() return sgemm_rate(4096, 3) end)
 row("sgemm 4096^3 (loom.matmul)", "f32", string.format("%.0f GFLOP/s", sgemm),
   peaks.fma_f32 and string.format("%.0f GFLOP/s", peaks.fma_f32), peaks.fma_f32 and sgemm / peaks.fma_f32, nil, others)
 -- LOOM_PATH_BF16 multiplies with AMX tiles when the CPU and the kernel
@@ -610,7 +612,7 @@ row("sgemm 4096^3 (loom.matmul)", "f32", string.format("%.0f GFLOP/s", sgemm),
 local bf16_peak = peaks.amx_bf16 or peaks.dpbf16
 local bf16_label = peaks.amx_bf16 and "bf16 (AMX)" or "bf16 (AVX512-BF16)"
 local bf16_rate
-others, bf16_rate = measured(function() return bf16_linear_rate(4096, 5) end)
+others, bf16_rate = measured(function() return bf16_linear_rate(4096, 3) end)
 row("GEMM 4096^3 (loom.linear, bf16 weight)", bf16_label, string.format("%.0f GFLOP/s", bf16_rate),
   bf16_peak and string.format("%.0f GFLOP/s", bf16_peak), bf16_peak and bf16_rate / bf16_peak, nil, others)
 collectgarbage()
@@ -703,8 +705,8 @@ for _, path in ipairs({ "f32", "bf16" }) do
 end
 note_peak("encode")
 
--- (5) prefill of the same prompt on both paths; each timed run's cache is
--- freed at once, so that a repeated run never holds two caches
+-- (5) prefill of the same prompt on both paths. Each timed run's cache is
+-- freed at once, so that a repeated run never keeps two caches alive
 local pflops = prefill_flops(t_prompt, layers)
 for _, path in ipairs({ "f32", "bf16" }) do
   local seconds

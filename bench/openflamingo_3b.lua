@@ -1,11 +1,13 @@
 -- Benchmark of OpenFlamingo-3B shapes (OpenFlamingo-3B-vitl-mpt1b) with
 -- random bf16 weights, each figure beside a bound measured in the same run:
---   sgemm rate (loom.matmul, f32) and the rate of loom.linear on the bf16
---   path; image encode plus resampler per image on the f32 and bf16 paths
---   against FLOPs / sgemm rate; prefill tokens/s of a few-shot prompt;
---   decode seconds per token against weight bytes per token / streaming-read
---   bandwidth measured right before each step; decode without the gated
---   blocks, for their cost per token; peak resident memory.
+--   * the sgemm rate (loom.matmul, f32) and the rate of loom.linear on the
+--     bf16 path;
+--   * image encode plus resampler per image on the f32 and bf16 paths, and
+--     prefill tokens/s of a few-shot prompt, against FLOPs at those rates;
+--   * decode seconds per token against weight bytes per token divided by
+--     the streaming-read bandwidth measured right before each step, with
+--     and without the gated blocks (their cost per token);
+--   * peak resident memory.
 -- The weights (CLIP ViT-L/14 at 224 px, a 6-layer perceiver resampler, a
 -- 24-layer 2048-wide MPT with a gated cross-attention block before every
 -- layer: about 2.6 G parameters, 5.2 GB) are written once by Loom as
@@ -331,9 +333,11 @@ local function measured(fn)
 end
 
 local rows = {}
+-- One table row; `fraction` is a number or already formatted text.
 local function row(figure, path, value, bound, fraction, target, others)
-  rows[#rows + 1] = { figure, path, value, bound or "", fraction and string.format("%.2f", fraction) or "",
-    target or "", others and string.format("%.0f%%", 100 * others) or "" }
+  if type(fraction) == "number" then fraction = string.format("%.2f", fraction) end
+  rows[#rows + 1] = { figure, path, value, bound or "", fraction or "", target or "",
+    others and string.format("%.0f%%", 100 * others) or "" }
 end
 
 local function print_table()
@@ -522,6 +526,19 @@ row(string.format("read-sum of the decode weights (%.2f GiB)", token_bytes / GiB
 
 -- (2) image encode plus resampler: one image on the f32 and bf16 paths, and
 -- the few-shot prompt's images in one batch, as the pipeline encodes them
+-- The bound text and fraction of `seconds` for `work` FLOPs on `path`: at
+-- the sgemm rate, and on the bf16 path also at the bf16 GEMM rate (the
+-- AMX tiles' rate where the CPU has them, above the sgemm rate).
+local function flop_bound(work, seconds, path)
+  local at_sgemm = work / (sgemm * 1e9)
+  if path ~= "bf16" then
+    return string.format("%.3f s at the sgemm rate", at_sgemm), string.format("%.2f", at_sgemm / seconds)
+  end
+  local at_bf16 = work / (bf16_rate * 1e9)
+  return string.format("%.3f s at the sgemm rate, %.3f s at the bf16 GEMM rate", at_sgemm, at_bf16),
+    string.format("%.2f, %.2f", at_sgemm / seconds, at_bf16 / seconds)
+end
+
 local flops = encode_flops(opts.perceiver_heads)
 local pixels = loom.randn({ 1, 3, SHAPES.vision.image, SHAPES.vision.image }, { seed = 7 })
 local ids, n_images = prompt_ids(model)
@@ -532,20 +549,19 @@ for _, path in ipairs(opts.parts.encode and { "f32", "bf16" } or {}) do
   local times
   others, times = measured(function() return time_encode(model, pixels, path, opts.reps) end)
   local t = median(times)
-  local bound = flops / (sgemm * 1e9)
+  local bound, fraction = flop_bound(flops, t, path)
   row(string.format("image encode + resampler, 1 image (%.0f GFLOP)", flops / 1e9), path,
-    string.format("%.3f s (%.0f GFLOP/s)", t, flops / t / 1e9), string.format("%.3f s at the sgemm rate", bound),
-    bound / t, path == "bf16" and "<= 0.7 s" or "", others)
+    string.format("%.3f s (%.0f GFLOP/s)", t, flops / t / 1e9), bound, fraction, path == "bf16" and "<= 0.7 s" or "",
+    others)
 end
 
 if opts.parts.encode then
   local times
   others, times = measured(function() return time_encode(model, images, "bf16", opts.reps) end)
   local t = median(times) / n_images
-  local bound = flops / (sgemm * 1e9)
+  local bound, fraction = flop_bound(flops, t, "bf16")
   row(string.format("image encode + resampler, batch of %d, per image", n_images), "bf16",
-    string.format("%.3f s (%.0f GFLOP/s)", t, flops / t / 1e9), string.format("%.3f s at the sgemm rate", bound),
-    bound / t, "<= 0.7 s", others)
+    string.format("%.3f s (%.0f GFLOP/s)", t, flops / t / 1e9), bound, fraction, "<= 0.7 s", others)
 end
 
 if opts.parts.prefill or opts.parts.decode then
@@ -580,10 +596,9 @@ if opts.parts.prefill or opts.parts.decode then
       end
     end)
     local t = median(times)
-    local bound = pflops / (sgemm * 1e9)
+    local bound, fraction = flop_bound(pflops, t, path)
     row(string.format("prefill, %d tokens, %d images (%.0f GFLOP)", #ids, n_images, pflops / 1e9), path,
-      string.format("%.0f tokens/s (%.2f s)", #ids / t, t), string.format("%.2f s at the sgemm rate", bound), bound / t,
-      nil, others)
+      string.format("%.0f tokens/s (%.2f s)", #ids / t, t), bound, fraction, nil, others)
   end
 
   -- (4) decode: each step timed right after a read-sum of the weights it reads

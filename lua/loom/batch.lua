@@ -1,7 +1,7 @@
 -- Batch generation over a JSON Lines file of jobs (one image-and-prompt
 -- request per line) with LLaVA, BLIP-2 or Flamingo checkpoints, on the
 -- async runtime. Images load on the thread pool while the model runs, and
--- with the LLaVA pipeline concurrent jobs share batched forward passes
+-- concurrent jobs share batched forward passes
 -- (loom.scheduler). scripts/batch.lua is the command line; docs/batch.md
 -- describes the file formats.
 -- Results are appended one whole line per write() to a file opened with
@@ -378,7 +378,7 @@ PIPELINES.llava = {
 
     t0 = now_ms()
     opts.input_ids, opts.images = { ids }, pixels
-    local result = ctx.scheduler and ctx.scheduler:generate(opts) or model:generate(opts)
+    local result = ctx.generate(opts)
     timings.generate_ms = elapsed(t0)
     -- the prompt's length in the decoder: each image token counts as the
     -- tokens_per_image positions of its features
@@ -404,15 +404,14 @@ PIPELINES.blip2 = {
     timings.image_ms = elapsed(t0)
 
     t0 = now_ms()
-    opts.images, opts.prompt, opts.question = pixels, text, question
-    local ok, results = pcall(model.generate, model, opts)
+    opts.image, opts.prompt, opts.question = pixels[1], text, question
+    local ok, result = pcall(ctx.generate, opts)
     if not ok then
-      local message = async.error_message(results)
+      local message = async.error_message(result)
       if message:find("context", 1, true) or message:find("too long", 1, true) then job_error("prompt", "%s", message) end
-      error(results, 0)
+      error(result, 0)
     end
     timings.generate_ms = elapsed(t0)
-    local result = results[1]
     return { text = result.text, tokens = #result.tokens, finish_reason = result.finish_reason,
       prompt_tokens = result.prompt_ids and #result.prompt_ids or nil }
   end,
@@ -468,7 +467,7 @@ PIPELINES.flamingo = {
 
     t0 = now_ms()
     for k, v in pairs(opts) do list[k] = v end
-    local ok, result = pcall(model.generate, model, list)
+    local ok, result = pcall(ctx.generate, list)
     if not ok then
       local message = async.error_message(result)
       if message:find("context", 1, true) then job_error("prompt", "%s", message) end
@@ -601,7 +600,7 @@ end
 --   opts.shard          {k, n}: only jobs with shard_of(id, n) == k
 --   opts.image_root     directory for relative image paths (default: the jobs file's)
 --   opts.defaults       generation options for jobs that do not set them
---   opts.batching       false turns off the LLaVA scheduler (default on)
+--   opts.batching       false turns off the scheduler (default on)
 --   opts.max_batch      sequences per batched step (scheduler, default 8)
 --   opts.progress       "auto" (default), "bar", "lines" or false
 --   opts.progress_interval  seconds between plain progress lines (default 10)
@@ -691,7 +690,7 @@ function M.run(opts)
     return summary
   end
 
-  -- the model, and the scheduler that merges concurrent LLaVA requests
+  -- the model, and the scheduler that merges concurrent requests
   local ctx = {
     pipeline = pipeline, pipeline_name = opts.pipeline, defaults = opts.defaults or {},
     image_root = opts.image_root or (opts.input:match("^(.*)/[^/]*$") or "."),
@@ -714,8 +713,14 @@ function M.run(opts)
     results, open_error = M.open_results(opts.output)
     if results == nil then error(open_error, 0) end
   end
-  if opts.pipeline == "llava" and opts.batching ~= false and concurrency > 1 then
+  -- batched generation when the model's family supports it (beam search
+  -- runs alone, through the model's own generate)
+  if opts.batching ~= false and concurrency > 1 and type(ctx.model.generate_scheduled) == "function" then
     ctx.scheduler = require("loom.scheduler").new(ctx.model, { max_batch = opts.max_batch })
+  end
+  function ctx.generate(args)
+    if ctx.scheduler and (args.num_beams or 1) == 1 then return ctx.scheduler:generate(args) end
+    return ctx.model:generate(args)
   end
 
   -- signals: stop taking jobs; a second one abandons the jobs in flight

@@ -561,5 +561,75 @@ function Model:generate(args)
   return results[1]
 end
 
+-- ---------------------------------------------------------------------------
+-- Dynamic batching (loom.scheduler)
+
+-- Decoder pass over segments of several sequences (see the LLaMA decoder's
+-- forward_segments).
+function Model:forward_segments(segments)
+  return self.lm:forward_segments(segments)
+end
+
+-- Generate for one request through `sched` (a loom.scheduler), batched with
+-- the other requests in flight. args are those of Model:generate for one
+-- prompt: args.input_ids (one row of ids) or args.prompt / args.question,
+-- with args.image / args.images, and the generation options. Returns
+-- {text, tokens, finish_reason, prompt_ids}, the same as Model:generate
+-- gives for this request alone.
+function Model:generate_scheduled(args, sched)
+  if args.prompts then error("scheduler:generate takes one prompt per call; run one task per prompt", 3) end
+
+  -- ids and images of the request
+  local rows, images
+  if args.input_ids then
+    local ids = tensor_rows(args.input_ids)
+    if #ids ~= 1 then error("scheduler:generate takes one row of input_ids", 3) end
+    rows, images = ids, as_list(args.images or args.image)
+  else
+    rows, images = self:encode_prompts(args)
+  end
+
+  -- image features from a vision batch shared with other requests
+  local features
+  if #images > 0 then features = sched:encode_images(self:preprocess(images)) end
+  local inputs_embeds, _, positions, next_positions = self:build_inputs(rows, nil, features)
+  local t = inputs_embeds:size(2)
+  if t > self.context then
+    error(string.format("input is %d positions long but the context holds %d: %d too many", t, self.context,
+      t - self.context), 3)
+  end
+
+  local max_new = args.max_new_tokens or 32
+  local room = math.min(max_new, self.context - t)
+  local cache = self.lm:new_cache(1, t + math.max(room, 0))
+  local next_position = next_positions[1]
+  local lm = self.lm
+  local session = {
+    batch = 1,
+    prompt_ids = rows,
+    room = room,
+    prefill = function()
+      return sched:step({ embeds = inputs_embeds, positions = positions, cache = cache })
+    end,
+    step = function(tokens)
+      local embeds = lm:embed(loom.tensor({ { tokens[1] } }, "i64")) -- (1, 1, D)
+      local pos = loom.tensor({ { next_position } }, "i64")
+      next_position = next_position + 1
+      return sched:step({ embeds = embeds, positions = pos, cache = cache })
+    end,
+  }
+  local ok, results = pcall(generate.run, session, {
+    max_new_tokens = max_new, temperature = args.temperature, top_k = args.top_k, top_p = args.top_p,
+    do_sample = args.do_sample, seed = args.seed, repetition_penalty = args.repetition_penalty,
+    eos_token_id = args.eos_token_id or self.eos_id, pad_token_id = self.pad_id, stop = args.stop,
+    stream = args.stream, tokenizer = self.tokenizer, on_logits = args.on_logits,
+  })
+  for _, layer_cache in ipairs(cache.layers) do layer_cache:free() end
+  if not ok then error(results, 0) end
+  local result = results[1]
+  result.prompt_ids = rows[1]
+  return result
+end
+
 M.Model = Model
 return M

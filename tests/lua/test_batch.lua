@@ -173,12 +173,11 @@ end)
 
 run("scheduler.new checks arguments", function()
   check.checkerror(function() scheduler.new(nil) end,
-    "bad argument #1 to 'scheduler.new' (expected a loom.llava model, got nil)")
-  check.checkerror(function() scheduler.new("model") end, "(expected a loom.llava model, got string)")
-  check.checkerror(function() scheduler.new(loom.zeros({ 2 })) end, "(expected a loom.llava model, got loom.Tensor)")
-  local blip2 = require("loom.blip2").load(root .. "examples/models/tiny-blip2")
-  check.checkerror(function() scheduler.new(blip2) end,
-    "bad argument #1 to 'scheduler.new' (expected a loom.llava model, got a table without the 'encode_prompts' method)")
+    "bad argument #1 to 'scheduler.new' (expected a loaded model, got nil)")
+  check.checkerror(function() scheduler.new("model") end, "(expected a loaded model, got string)")
+  check.checkerror(function() scheduler.new(loom.zeros({ 2 })) end, "(expected a loaded model, got loom.Tensor)")
+  check.checkerror(function() scheduler.new({ encode_images = function() end }) end,
+    "bad argument #1 to 'scheduler.new' (expected a model whose family supports batching, got a table without the 'forward_segments' method)")
   check.checkerror(function() scheduler.new(model, 8) end,
     "bad argument #2 to 'scheduler.new' (expected an options table or nil, got number)")
   check.checkerror(function() scheduler.new(model, { max_batch = 0 }) end,
@@ -193,7 +192,7 @@ run("ragged step equals forward", function()
   local a = loom.randn({ 1, 9, lm.cfg.hidden_size }, { seed = 1 })
   local b = loom.randn({ 1, 4, lm.cfg.hidden_size }, { seed = 2 })
   local ca, cb = lm:new_cache(1, 16), lm:new_cache(1, 16)
-  local logits = scheduler.ragged_forward(lm, {
+  local logits = lm:forward_segments({
     { embeds = a, positions = loom.arange(0, 9, 1, "i64"):view(1, 9), cache = ca },
     { embeds = b, positions = loom.arange(0, 4, 1, "i64"):view(1, 4), cache = cb },
   })

@@ -107,6 +107,38 @@ function Layer:forward(x, positions, kv, mask)
   return h + self.mlp:forward(self.post_attention_layernorm:forward(h))
 end
 
+-- The layer over segments of different sequences side by side: x (1, N, D)
+-- holds segments[i]'s lengths[i] rows in order. Norms, projections and the
+-- MLP run once over all N rows; rotary embeddings, the cache append and
+-- attention run per segment, on its positions and its own cache, so no
+-- sequence attends to another's keys. `li` is this layer's index in each
+-- segment's cache.
+function Layer:forward_segments(x, segments, lengths, li)
+  local cfg = self.cfg
+  local h, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  local rope = { theta = cfg.rope_theta, scaling = cfg.rope_factor, style = "half" }
+  local normed = self.input_layernorm:forward(x)
+  local q = self.q_proj:forward(normed) -- (1, N, H*Dh)
+  local k = self.k_proj:forward(normed) -- (1, N, Hkv*Dh)
+  local v = self.v_proj:forward(normed) -- (1, N, Hkv*Dh)
+  local outs, offset = {}, 1
+  for i, s in ipairs(segments) do
+    local t = lengths[i]
+    local qs = q:narrow(2, offset, t):view(1, t, h, hd):transpose(2, 3) -- (1, t, H*Dh) -> (1, H, t, Dh)
+    local ks = k:narrow(2, offset, t):view(1, t, hkv, hd):transpose(2, 3) -- (1, t, Hkv*Dh) -> (1, Hkv, t, Dh)
+    local vs = v:narrow(2, offset, t):view(1, t, hkv, hd):transpose(2, 3) -- (1, t, Hkv*Dh) -> (1, Hkv, t, Dh)
+    qs = loom.rope(qs, s.positions, rope)
+    ks = loom.rope(ks, s.positions, rope)
+    local k_all, v_all = s.cache.layers[li]:append(ks, vs) -- (1, Hkv, K, Dh) each
+    local o = loom.attention(qs, k_all, v_all, { causal = true })
+    outs[i] = o:transpose(2, 3):reshape(1, t, h * hd) -- (1, H, t, Dh) -> (1, t, H*Dh)
+    offset = offset + t
+  end
+  local o = #outs == 1 and outs[1] or loom.cat(outs, 2) -- S x (1, t_i, H*Dh) -> (1, N, H*Dh)
+  local res = x + self.o_proj:forward(o)
+  return res + self.mlp:forward(self.post_attention_layernorm:forward(res))
+end
+
 -- ---------------------------------------------------------------------------
 -- The decoder.
 
@@ -211,6 +243,39 @@ function Model:forward(args)
     logits = self.lm_head:forward(x) -- (B, T, D) -> (B, T, V)
   end
   return logits, x
+end
+
+-- Run segments of different sequences in one pass, for dynamic batching
+-- (loom.scheduler). `segments` is a list of {embeds = (1, t, D) f32,
+-- positions = (1, t) i64, cache = a cache of new_cache(1, capacity)}; each
+-- segment's keys and values are appended to its own cache. A layer that
+-- another module inserted into self.layers takes part through its own
+-- forward_segments(x, segments, lengths, li). Returns logits (S, V) of the
+-- last position of every segment, in order.
+function Model:forward_segments(segments)
+  local parts, lengths = {}, {}
+  for i, s in ipairs(segments) do
+    parts[i], lengths[i] = s.embeds, s.embeds:size(2)
+    if s.cache.length + lengths[i] > s.cache.capacity then
+      error(string.format("KV cache is full: %d positions cached + %d new exceeds its capacity of %d",
+        s.cache.length, lengths[i], s.cache.capacity), 2)
+    end
+  end
+  local x = #parts == 1 and parts[1] or loom.cat(parts, 2) -- S x (1, t_i, D) -> (1, N, D)
+  for li, layer in ipairs(self.layers) do
+    x = layer:forward_segments(x, segments, lengths, li)
+  end
+  x = self.norm:forward(x)
+
+  -- the last position of each segment through the output head
+  local lasts, offset = {}, 0
+  for i, s in ipairs(segments) do
+    offset = offset + lengths[i]
+    lasts[i] = x:narrow(2, offset, 1) -- (1, 1, D)
+    s.cache.length = s.cache.length + lengths[i]
+  end
+  local last = #lasts == 1 and lasts[1] or loom.cat(lasts, 2) -- S x (1, 1, D) -> (1, S, D)
+  return self.lm_head:forward(last):select(1, 1) -- (1, S, V) -> (S, V)
 end
 
 M.Model = Model

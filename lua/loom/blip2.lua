@@ -632,6 +632,31 @@ local function beam_search(self, decoder, b, opts)
     pad_token_id = self.pad_id, repetition_penalty = opts.repetition_penalty, on_logits = opts.on_logits })
 end
 
+-- The search settings of generate_from_embeds's opts: end tokens as a
+-- list, min_new_tokens, and max_new_tokens cut to the room left in OPT's
+-- positions after the longest of the 0/1 mask rows' real tokens. Raises at
+-- `level` when no room is left.
+local function search_settings(self, mask_rows, opts, level)
+  local settings = {}
+  for k, v in pairs(opts or {}) do settings[k] = v end
+  local ends = settings.eos_token_id or { self.eos_id }
+  settings.eos_token_id = type(ends) == "table" and ends or { ends }
+  settings.min_new_tokens = settings.min_new_tokens or 0
+
+  local longest = 0
+  for _, row in ipairs(mask_rows) do
+    local n = 0
+    for _, m in ipairs(row) do n = n + m end
+    longest = math.max(longest, n)
+  end
+  local positions = self.lm.cfg.max_position_embeddings
+  if longest >= positions then
+    error(string.format("input of %d positions leaves no room in OPT's %d positions", longest, positions), level + 1)
+  end
+  settings.max_new_tokens = math.min(settings.max_new_tokens or 30, positions - longest)
+  return settings
+end
+
 -- Generate with the decoder from input embeddings (B, L, D) and their 0/1
 -- mask rows: greedy when num_beams is 1 (default), beam search otherwise.
 --   opts.max_new_tokens (default 30), min_new_tokens (default 0),
@@ -643,30 +668,31 @@ end
 -- (one entry for greedy search).
 function Model:generate_from_embeds(inputs_embeds, mask_rows, opts)
   self:require_lm(2)
-  local settings = {}
-  for k, v in pairs(opts or {}) do settings[k] = v end
-  local ends = settings.eos_token_id or { self.eos_id }
-  settings.eos_token_id = type(ends) == "table" and ends or { ends }
-  settings.min_new_tokens = settings.min_new_tokens or 0
-
-  -- room left in OPT's positions after the longest row's real tokens
-  local longest = 0
-  for _, row in ipairs(mask_rows) do
-    local n = 0
-    for _, m in ipairs(row) do n = n + m end
-    longest = math.max(longest, n)
-  end
-  local positions = self.lm.cfg.max_position_embeddings
-  if longest >= positions then
-    error(string.format("input of %d positions leaves no room in OPT's %d positions", longest, positions), 2)
-  end
-  settings.max_new_tokens = math.min(settings.max_new_tokens or 30, positions - longest)
-
+  local settings = search_settings(self, mask_rows, opts, 2)
   local b = inputs_embeds:size(1)
   local decoder = decoder_session(self.lm, inputs_embeds, mask_rows,
     inputs_embeds:size(2) + settings.max_new_tokens, settings.hook)
   if (settings.num_beams or 1) == 1 then return greedy_search(self, decoder, b, settings) end
   return beam_search(self, decoder, b, settings)
+end
+
+-- The search options of a generate call's args, with `ends` as the end tokens.
+local function search_options(args, ends)
+  return {
+    max_new_tokens = args.max_new_tokens, min_new_tokens = args.min_new_tokens, num_beams = args.num_beams,
+    num_return_sequences = args.num_return_sequences, length_penalty = args.length_penalty,
+    early_stopping = args.early_stopping, repetition_penalty = args.repetition_penalty, eos_token_id = ends,
+    on_logits = args.on_logits, on_scores = args.on_scores,
+  }
+end
+
+-- The result of prompt `row` from its hypotheses (best first): decoded
+-- texts, and the best one's fields.
+local function request_result(self, hyps, row, ends)
+  for _, h in ipairs(hyps) do h.text = self:decode(h.tokens, ends) end
+  local best = hyps[1]
+  return { text = best.text, tokens = best.tokens, score = best.score, finish_reason = best.finish_reason,
+    prompt_ids = row, sequences = hyps }
 end
 
 -- Generate text for images.
@@ -700,22 +726,64 @@ function Model:generate(args)
   local inputs_embeds, mask_rows = self:build_inputs(features, rows, as_rows(args.attention_mask), args.hook)
 
   local ends = self:end_tokens(args)
-  local per_row = self:generate_from_embeds(inputs_embeds, mask_rows, {
-    max_new_tokens = args.max_new_tokens, min_new_tokens = args.min_new_tokens, num_beams = args.num_beams,
-    num_return_sequences = args.num_return_sequences, length_penalty = args.length_penalty,
-    early_stopping = args.early_stopping, repetition_penalty = args.repetition_penalty, eos_token_id = ends,
-    on_logits = args.on_logits, on_scores = args.on_scores,
-  })
+  local per_row = self:generate_from_embeds(inputs_embeds, mask_rows, search_options(args, ends))
 
   local results = {}
-  for r, hyps in ipairs(per_row) do
-    for _, h in ipairs(hyps) do h.text = self:decode(h.tokens, ends) end
-    local best = hyps[1]
-    results[r] = { text = best.text, tokens = best.tokens, score = best.score, finish_reason = best.finish_reason,
-      prompt_ids = rows[r], sequences = hyps }
-  end
+  for r, hyps in ipairs(per_row) do results[r] = request_result(self, hyps, rows[r], ends) end
   if args.image then return results[1] end
   return results
+end
+
+-- ---------------------------------------------------------------------------
+-- Dynamic batching (loom.scheduler)
+
+-- Decoder pass over segments of several sequences (see the OPT decoder's
+-- forward_segments).
+function Model:forward_segments(segments)
+  self:require_lm(2)
+  return self.lm:forward_segments(segments)
+end
+
+-- Generate for one request through `sched` (a loom.scheduler), batched with
+-- the other requests in flight. args are those of Model:generate for one
+-- image: args.image (a path, a u8 image or f32 pixels) or args.pixel_values
+-- of one image, with one prompt, question or row of input_ids, and the
+-- greedy search options. Returns the result Model:generate gives for this
+-- request alone. Beam search (num_beams > 1) runs through Model:generate.
+function Model:generate_scheduled(args, sched)
+  self:require_lm(2)
+  if (args.num_beams or 1) > 1 then
+    error(string.format("scheduler:generate runs greedy search only, got num_beams = %s: call model:generate "
+      .. "for beam search", tostring(args.num_beams)), 3)
+  end
+  local pixels
+  if args.image and not args.images and not args.pixel_values then
+    pixels = self:preprocess({ args.image })
+  elseif args.pixel_values and not args.images and args.pixel_values:size(1) == 1 then
+    pixels = args.pixel_values
+  else
+    error("scheduler:generate takes one image per call: pass args.image (or pixel_values of one image)", 3)
+  end
+  local rows = prompt_rows(self, args, 1)
+  if #rows ~= 1 then error(string.format("scheduler:generate takes one prompt per call, got %d", #rows), 3) end
+
+  -- image features from a vision batch shared with other requests
+  local features = sched:encode_images(pixels) -- (1, Q, D)
+  local inputs_embeds, mask_rows = self:build_inputs(features, rows, as_rows(args.attention_mask))
+  local ends = self:end_tokens(args)
+  local settings = search_settings(self, mask_rows, search_options(args, ends), 3)
+
+  -- the prefill and every step go through the scheduler's decoder steps
+  local lm = self.lm
+  local decoder = { cache = lm:new_cache(1, inputs_embeds:size(2) + settings.max_new_tokens) }
+  function decoder.prefill()
+    return sched:step({ embeds = inputs_embeds, attention_mask = mask_rows[1], cache = decoder.cache })
+  end
+  function decoder.step(cache, tokens)
+    return sched:step({ embeds = lm:embed(loom.tensor({ { tokens[1] } }, "i64")), cache = cache }) -- (1, 1, D)
+  end
+  local per_row = greedy_search(self, decoder, 1, settings)
+  return request_result(self, per_row[1], rows[1], ends)
 end
 
 M.Model = Model

@@ -4,7 +4,9 @@
 -- project_in/project_out appear when word_embed_proj_dim differs from
 -- hidden_size. The output head is tied to the token embeddings, and the KV
 -- cache's rows can be reordered for beam search. The entry point takes input
--- embeddings so image features can be put in front of the text.
+-- embeddings so image features can be put in front of the text, and
+-- forward_segments runs segments of several sequences in one pass for
+-- dynamic batching.
 local loom = require("loom.core")
 local nn = require("loom.nn")
 
@@ -171,14 +173,16 @@ function Layer:attention(x, cache, i, mask)
   return self.out_proj:forward(o)
 end
 
+-- Run the layer on x (B, T, D) with `attend(normed)` as the self-attention
+-- block, which maps its input (B, T, D) to the attention output (B, T, D).
 -- NOTE: only the pre-LN path without project_in/project_out is checked
 -- against a reference case (BLIP-2 uses no other); the post-LN path follows
 -- OPTDecoderLayer's order but has no reference data yet.
-function Layer:forward(x, cache, i, mask)
+function Layer:run(x, attend)
   local pre = self.cfg.do_layer_norm_before
 
   -- self-attention block
-  local a = self:attention(pre and self.self_attn_layer_norm:forward(x) or x, cache, i, mask)
+  local a = attend(pre and self.self_attn_layer_norm:forward(x) or x)
   local h = x + a
   if not pre then h = self.self_attn_layer_norm:forward(h) end
 
@@ -187,6 +191,36 @@ function Layer:forward(x, cache, i, mask)
   local out = h + f
   if not pre then out = self.final_layer_norm:forward(out) end
   return out
+end
+
+function Layer:forward(x, cache, i, mask)
+  return self:run(x, function(input) return self:attention(input, cache, i, mask) end)
+end
+
+-- The layer over the rows x (1, N, D) of several sequences side by side:
+-- segment s owns lengths[s] rows and attends, on its own batch-1 cache
+-- (layer li), with key mask masks[s] (nil when nothing is padded). Layer
+-- norms and projections run once over all rows.
+function Layer:forward_segments(x, segments, lengths, li, masks)
+  local h, hd = self.cfg.num_attention_heads, self.cfg.head_dim
+  return self:run(x, function(input)
+    local q = self.q_proj:forward(input) -- (1, N, D)
+    local k = self.k_proj:forward(input) -- (1, N, D)
+    local v = self.v_proj:forward(input) -- (1, N, D)
+    local outs, offset = {}, 1
+    for i, s in ipairs(segments) do
+      local t = lengths[i]
+      local qs = q:narrow(2, offset, t):view(1, t, h, hd):transpose(2, 3) -- (1, t, D) -> (1, H, t, Dh)
+      local ks = k:narrow(2, offset, t):view(1, t, h, hd):transpose(2, 3) -- (1, t, D) -> (1, H, t, Dh)
+      local vs = v:narrow(2, offset, t):view(1, t, h, hd):transpose(2, 3) -- (1, t, D) -> (1, H, t, Dh)
+      local k_all, v_all = s.cache:append(li, ks, vs) -- (1, H, K, Dh) each
+      local o = loom.attention(qs, k_all, v_all, { causal = true, mask = masks[i] })
+      outs[i] = o:transpose(2, 3):reshape(1, t, h * hd) -- (1, H, t, Dh) -> (1, t, D)
+      offset = offset + t
+    end
+    local o = #outs == 1 and outs[1] or loom.cat(outs, 2) -- S x (1, t_i, D) -> (1, N, D)
+    return self.out_proj:forward(o)
+  end)
 end
 
 -- ---------------------------------------------------------------------------
@@ -265,6 +299,56 @@ local function position_rows(mask_rows, counts)
   return out
 end
 
+-- Compute the positions of T new tokens in B rows with 0/1 mask rows (a
+-- tensor, Lua lists or nil for all 1) after the tokens `cache` (or nil)
+-- contains. Returns a table of: index (B, T) i64 into embed_positions;
+-- key_rows, the mask rows over cached and new keys; counts, each row's real
+-- tokens; padded, whether any key is padding; mask (B, 1, 1, K) u8 for
+-- attention, or nil when no key is padding. Raises at `level` when a
+-- position lies beyond max_position_embeddings.
+function Model:positions(mask_rows, b, t, cache, level)
+  if loom.is_tensor(mask_rows) then mask_rows = mask_rows:totable() end
+  if mask_rows == nil then
+    mask_rows = {}
+    for r = 1, b do
+      mask_rows[r] = {}
+      for i = 1, t do mask_rows[r][i] = 1 end
+    end
+  end
+  local past = cache and cache.length or 0
+  local counts = {}
+  for r = 1, b do counts[r] = cache and cache.counts[r] or 0 end
+  local index_rows = position_rows(mask_rows, counts)
+  local key_rows, padded = {}, cache and cache.padded or false
+  for r = 1, b do
+    local keys = cache and table.move(cache.masks[r], 1, past, 1, {}) or {}
+    for i = 1, t do
+      keys[past + i] = mask_rows[r][i]
+      padded = padded or mask_rows[r][i] == 0
+    end
+    key_rows[r] = keys
+  end
+
+  local max_index = 0
+  for _, row in ipairs(index_rows) do
+    for _, p in ipairs(row) do max_index = math.max(max_index, p) end
+  end
+  if max_index >= self.embed_positions.num_embeddings then
+    error(string.format("sequence reaches position %d, beyond OPT's max_position_embeddings of %d",
+      max_index - M.POSITION_OFFSET + 1, self.cfg.max_position_embeddings), level + 1)
+  end
+  return {
+    index = loom.tensor(index_rows, "i64"), key_rows = key_rows, counts = counts, padded = padded,
+    mask = padded and loom.tensor(key_rows, "u8"):view(b, 1, 1, past + t) or nil, -- (B, K) -> (B, 1, 1, K)
+  }
+end
+
+-- Record t new positions with their positions() result in the cache.
+local function advance(cache, t, pos)
+  cache.length = cache.length + t
+  cache.masks, cache.counts, cache.padded = pos.key_rows, pos.counts, pos.padded
+end
+
 -- Run the decoder.
 --   args.inputs_embeds (B, T, word_embed_proj_dim) f32, or args.input_ids (B, T)
 --   args.attention_mask (B, T) 0/1 of the new positions as a tensor or Lua
@@ -275,7 +359,7 @@ end
 -- Returns logits (B, T or 1, V) (or nil) and the last hidden state (B, T, D)
 -- after the final layer norm and project_out.
 function Model:forward(args)
-  local hook, name, cfg = args.hook, self.name, self.cfg
+  local hook, name = args.hook, self.name
   local x = args.inputs_embeds or self:embed(args.input_ids)
   local b, t = x:size(1), x:size(2)
   local cache = args.cache
@@ -284,56 +368,21 @@ function Model:forward(args)
     error(string.format("KV cache of %d rows and %d positions (%d filled) cannot take %d rows of %d positions",
       cache.batch, cache.capacity, past, b, t), 2)
   end
-
-  -- the new positions' mask rows, and the full key mask when anything is padded
-  local mask_rows = args.attention_mask
-  if loom.is_tensor(mask_rows) then mask_rows = mask_rows:totable() end
-  if mask_rows == nil then
-    mask_rows = {}
-    for r = 1, b do
-      mask_rows[r] = {}
-      for i = 1, t do mask_rows[r][i] = 1 end
-    end
-  end
-  local counts = {}
-  for r = 1, b do counts[r] = cache and cache.counts[r] or 0 end
-  local index = loom.tensor(position_rows(mask_rows, counts), "i64")
-  local key_rows, padded = {}, false
-  for r = 1, b do
-    local keys = cache and table.move(cache.masks[r], 1, past, 1, {}) or {}
-    for i = 1, t do
-      keys[past + i] = mask_rows[r][i]
-      padded = padded or mask_rows[r][i] == 0
-    end
-    key_rows[r] = keys
-    padded = padded or (cache and cache.padded) or false
-  end
-  local mask = padded and loom.tensor(key_rows, "u8"):view(b, 1, 1, past + t) or nil -- (B, K) -> (B, 1, 1, K)
-
-  local max_index = loom.max(index):item()
-  if max_index >= self.embed_positions.num_embeddings then
-    error(string.format("sequence reaches position %d, beyond OPT's max_position_embeddings of %d",
-      max_index - M.POSITION_OFFSET + 1, cfg.max_position_embeddings), 2)
-  end
+  local pos = self:positions(args.attention_mask, b, t, cache, 2)
 
   -- token embeddings (projected to hidden_size) plus learned positions
-  nn.tap(hook, name .. ".position_index_into_embed_positions", index)
-  local positions = nn.tap(hook, name .. ".position_embeddings", self.embed_positions:forward(index))
+  nn.tap(hook, name .. ".position_index_into_embed_positions", pos.index)
+  local positions = nn.tap(hook, name .. ".position_embeddings", self.embed_positions:forward(pos.index))
   if self.project_in then x = self.project_in:forward(x) end
   x = nn.tap(hook, name .. ".hidden_states.0", x + positions)
 
   for i, layer in ipairs(self.layers) do
-    x = layer:forward(x, cache, i, mask)
+    x = layer:forward(x, cache, i, pos.mask)
     if i < #self.layers then nn.tap(hook, name .. ".hidden_states." .. i, x) end
   end
-  if self.final_layer_norm then x = self.final_layer_norm:forward(x) end
-  if self.project_out then x = self.project_out:forward(x) end
+  x = self:finish(x)
   nn.tap(hook, name .. ".hidden_states." .. #self.layers, x)
-
-  if cache then
-    cache.length = past + t
-    cache.masks, cache.counts, cache.padded = key_rows, counts, padded
-  end
+  if cache then advance(cache, t, pos) end
 
   local logits
   if args.logits == "last" then
@@ -342,6 +391,58 @@ function Model:forward(args)
     logits = self.lm_head:forward(x) -- (B, T, D) -> (B, T, V)
   end
   return logits, x
+end
+
+-- The final layer norm (when the config keeps it) and project_out (when
+-- present) of the last layer's output.
+function Model:finish(x)
+  if self.final_layer_norm then x = self.final_layer_norm:forward(x) end
+  if self.project_out then x = self.project_out:forward(x) end
+  return x
+end
+
+-- Run segments of different sequences in one pass, for dynamic batching
+-- (loom.scheduler). `segments` is a list of {embeds = (1, t, word_embed_proj_dim)
+-- f32, cache = a cache of new_cache(1, capacity), attention_mask = a list of
+-- t 0/1 (optional, default all 1)}. Each segment's positions continue from
+-- the count of real tokens its cache holds, and its keys and values are
+-- appended to its own cache. Returns logits (S, V) of the last position of
+-- every segment, in order. Raises before running anything when a cache
+-- cannot take its segment or a position lies beyond max_position_embeddings.
+function Model:forward_segments(segments)
+  local parts, lengths, states, masks, index = {}, {}, {}, {}, {}
+  for i, s in ipairs(segments) do
+    local cache, t = s.cache, s.embeds:size(2)
+    if cache.batch ~= 1 or cache.length + t > cache.capacity then
+      error(string.format("segment %d: KV cache of %d rows and %d positions (%d filled) cannot take 1 row of %d "
+        .. "positions", i, cache.batch, cache.capacity, cache.length, t), 2)
+    end
+    parts[i], lengths[i] = s.embeds, t
+    states[i] = self:positions(s.attention_mask and { s.attention_mask }, 1, t, cache, 2)
+    masks[i], index[i] = states[i].mask, states[i].index
+  end
+
+  -- token embeddings (projected to hidden_size) plus learned positions, all
+  -- rows side by side
+  local x = #parts == 1 and parts[1] or loom.cat(parts, 2) -- S x (1, t_i, W) -> (1, N, W)
+  local positions = self.embed_positions:forward(#index == 1 and index[1] or loom.cat(index, 2)) -- (1, N, D)
+  if self.project_in then x = self.project_in:forward(x) end
+  x = x + positions
+
+  for li, layer in ipairs(self.layers) do
+    x = layer:forward_segments(x, segments, lengths, li, masks)
+  end
+  x = self:finish(x)
+
+  -- the last position of each segment through the output head
+  local lasts, offset = {}, 0
+  for i, s in ipairs(segments) do
+    offset = offset + lengths[i]
+    lasts[i] = x:narrow(2, offset, 1) -- (1, 1, W)
+    advance(s.cache, lengths[i], states[i])
+  end
+  local last = #lasts == 1 and lasts[1] or loom.cat(lasts, 2) -- S x (1, 1, W) -> (1, S, W)
+  return self.lm_head:forward(last):select(1, 1) -- (1, S, V) -> (S, V)
 end
 
 M.Model = Model

@@ -163,31 +163,35 @@ function Model:preprocess(img)
   return (image.preprocess(img, self.preprocessor))
 end
 
+-- Run the vision tower on every frame: pixels (N, 3, S, S) or
+-- (N, F, 3, S, S) with F frames per image -> tokens (N, F, P, Dv), the
+-- perceiver's input.
+function Model:frame_tokens(pixels, hook)
+  if pixels:dim() == 4 then pixels = pixels:unsqueeze(2) end -- (N, 3, S, S) -> (N, 1, 3, S, S)
+  local n, frames = pixels:size(1), pixels:size(2)
+  local tokens = self:vision_tokens(pixels:reshape(n * frames, pixels:size(3), pixels:size(4), pixels:size(5)), hook) -- (N*F, P, Dv)
+  return tokens:view(n, frames, tokens:size(2), tokens:size(3)) -- (N*F, P, Dv) -> (N, F, P, Dv)
+end
+
 -- Latents of each row's images. `images[r]` is nil or a tensor
 -- (M_r, 3, S, S), or (M_r, F, 3, S, S) with F frames per image. Returns
 -- media (B, M*L, Dv) with M the most images of a row (rows with fewer are
 -- padded with zeros, which their masks exclude) and M; nil when no row has
 -- an image.
 function Model:encode_media(images, batch, hook)
-  local flat, counts, times, frames = {}, {}, {}, 1
+  local flat, counts, times = {}, {}, {}
   for r = 1, batch do
     local px = images[r]
     counts[r] = px and px:size(1) or 0
     if px then
       if px:dim() == 4 then px = px:unsqueeze(2) end -- (M, 3, S, S) -> (M, 1, 3, S, S)
-      frames = px:size(2)
       flat[#flat + 1] = px
       for i = 1, counts[r] do times[#times + 1] = i end
     end
   end
   if #flat == 0 then return nil, 0 end
   local pixels = #flat == 1 and flat[1] or loom.cat(flat, 1) -- (N, F, 3, S, S)
-  local n = pixels:size(1)
-
-  -- vision tower on every frame, then the perceiver per image
-  local tokens = self:vision_tokens(pixels:reshape(n * frames, pixels:size(3), pixels:size(4), pixels:size(5)), hook) -- (N*F, P, Dv)
-  tokens = tokens:view(n, frames, tokens:size(2), tokens:size(3)) -- (N*F, P, Dv) -> (N, F, P, Dv)
-  local latents = self.perceiver:forward(tokens, { hook = hook, media_times = times }) -- (N, L, Dv)
+  local latents = self.perceiver:forward(self:frame_tokens(pixels, hook), { hook = hook, media_times = times }) -- (N, L, Dv)
   local l, dv = latents:size(2), latents:size(3)
 
   -- per row, its images' latents image-major, zero-padded to M images
@@ -205,16 +209,18 @@ function Model:encode_media(images, batch, hook)
   return media:reshape(batch, m * l, dv), m -- (B, M, L, Dv) -> (B, M*L, Dv)
 end
 
+-- Project the media (B, M*L, Dv) once for every block: returns
+-- {[block] = kv}.
+function Model:project_media(media)
+  local projected = {}
+  for _, block in pairs(self.blocks) do projected[block] = block:project_media(media) end
+  return projected
+end
+
 -- Project the media once for every block and hand it to the inserted
 -- layers; nil media clears it.
 function Model:set_media(media)
-  if media == nil then
-    self.state.media = nil
-    return
-  end
-  local projected = {}
-  for _, block in pairs(self.blocks) do projected[block] = block:project_media(media) end
-  self.state.media = projected
+  self.state.media = media and self:project_media(media)
 end
 
 -- Media masks of a batch: per row the text_time list and the mask matrix
@@ -289,14 +295,26 @@ local function tensor_rows(t)
 end
 M.tensor_rows = tensor_rows
 
+-- Pad rows of ids (with optional 0/1 masks) and compute their media masks
+-- over n_media images per row. Returns a table with ids, key_mask,
+-- positions, id_rows, times, next_positions, matrices and n_media (see
+-- pad_rows and media_times).
+function Model:token_inputs(rows, masks, n_media)
+  local ids, key_mask, positions, id_rows, mask_rows, next_pos = self:pad_rows(rows, masks)
+  local times, matrices = self:media_times(id_rows, mask_rows, n_media)
+  return { ids = ids, key_mask = key_mask, positions = positions, id_rows = id_rows, times = times,
+    next_positions = next_pos, matrices = matrices, n_media = n_media }
+end
+
 -- Prepare a batch: ids rows, their masks and images -> the padded inputs
--- and the media state of the inserted blocks. Returns a table with ids,
--- key_mask, positions, id_rows, next_positions, matrices, n_media.
+-- and the media state of the inserted blocks. Returns token_inputs' table
+-- with also latents (latents per image) and, when there are images, mask
+-- and gate (mask_tensors of the prompt).
 function Model:prepare(rows, masks, images, hook, image_attention_mask)
   local b = #rows
-  local ids, key_mask, positions, id_rows, mask_rows, next_pos = self:pad_rows(rows, masks)
   local media, n_media = self:encode_media(images, b, hook)
-  local times, matrices = self:media_times(id_rows, mask_rows, n_media)
+  local batch = self:token_inputs(rows, masks, n_media)
+  local ids, times, matrices = batch.ids, batch.times, batch.matrices
   if image_attention_mask then
     matrices = tensor_rows(image_attention_mask)
     if #matrices ~= b or #matrices[1] ~= ids:size(2) then
@@ -309,15 +327,16 @@ function Model:prepare(rows, masks, images, hook, image_attention_mask)
     nn.tap(hook, "text_time", loom.tensor(times, "i64"))
   end
 
+  batch.matrices = matrices
   self.state.hook = hook
   self:set_media(media)
   if media then
-    local l = media:size(2) // n_media
-    self.state.mask, self.state.gate = gated_xattn.mask_tensors(matrices, n_media, l)
-    nn.tap(hook, "cross_attention_gate", self.state.gate:view(b, ids:size(2))) -- (B, T, 1) -> (B, T)
+    batch.latents = media:size(2) // n_media
+    batch.mask, batch.gate = gated_xattn.mask_tensors(matrices, n_media, batch.latents)
+    self.state.mask, self.state.gate = batch.mask, batch.gate
+    nn.tap(hook, "cross_attention_gate", batch.gate:view(b, ids:size(2))) -- (B, T, 1) -> (B, T)
   end
-  return { ids = ids, key_mask = key_mask, positions = positions, id_rows = id_rows, times = times,
-    next_positions = next_pos, matrices = matrices, n_media = n_media, latents = media and media:size(2) // n_media }
+  return batch
 end
 
 -- Run the whole model once, without a cache.
@@ -413,20 +432,9 @@ end
 function Model:generate(args)
   local rows, images = self:encode_prompts(args)
   local batch = self:prepare(rows, tensor_rows(args.attention_mask), images, args.hook)
-  local t = batch.ids:size(2)
-  if t > self.context then
-    error(string.format("prompt is %d tokens long but the context holds %d: %d too many", t, self.context,
-      t - self.context), 2)
-  end
   local max_new = args.max_new_tokens or 32
-  local session = self:decode_session(batch, rows, math.min(max_new, self.context - t), args.hook)
-
-  local ok, results = pcall(generate.run, session, {
-    max_new_tokens = max_new, temperature = args.temperature, top_k = args.top_k, top_p = args.top_p,
-    do_sample = args.do_sample, seed = args.seed, repetition_penalty = args.repetition_penalty,
-    eos_token_id = args.eos_token_id or self.eos_id, pad_token_id = self.pad_id, stop = args.stop,
-    stream = args.stream, tokenizer = self.tokenizer, on_logits = args.on_logits,
-  })
+  local session = self:decode_session(batch, rows, self:room(batch, max_new, 3), args.hook)
+  local ok, results = pcall(generate.run, session, self:generation_options(args))
   self:set_media(nil)
   if not ok then error(results, 0) end
   for r, res in ipairs(results) do res.prompt_ids = rows[r] end
@@ -434,26 +442,42 @@ function Model:generate(args)
   return results[1]
 end
 
--- The prefill/step session of generate.run for a prepared batch, with a KV
--- cache for the prompt and `room` new tokens. After the prompt, the media
--- mask switches to the one of generated tokens (decode_matrices); the
--- projected media stay cached in the state.
-function Model:decode_session(batch, rows, room, hook)
-  local b, t = batch.ids:size(1), batch.ids:size(2)
-  local cache = self.lm:new_cache(b, t + math.max(room, 0))
-  local lm, state = self.lm, self.state
+-- Return how many new tokens the context leaves after a batch's prompt,
+-- at most max_new. Raises (at `level`) when the prompt alone exceeds the context.
+function Model:room(batch, max_new, level)
+  local t = batch.ids:size(2)
+  if t > self.context then
+    error(string.format("prompt is %d tokens long but the context holds %d: %d too many", t, self.context,
+      t - self.context), level)
+  end
+  return math.min(max_new, self.context - t)
+end
+
+-- Collect generate.run's options from the generation arguments of args.
+function Model:generation_options(args)
+  return {
+    max_new_tokens = args.max_new_tokens or 32, temperature = args.temperature, top_k = args.top_k,
+    top_p = args.top_p, do_sample = args.do_sample, seed = args.seed, repetition_penalty = args.repetition_penalty,
+    eos_token_id = args.eos_token_id or self.eos_id, pad_token_id = self.pad_id, stop = args.stop,
+    stream = args.stream, tokenizer = self.tokenizer, on_logits = args.on_logits,
+  }
+end
+
+-- The prefill/step session of generate.run for a batch of token_inputs.
+-- forward(embeds (B, T, D), positions (B, T), media_mask, media_gate,
+-- key_mask) runs the decoder on the batch's cache and returns the logits
+-- (B, V) of the last position. The prompt runs under batch.mask and
+-- batch.gate; the generated tokens under the media mask of decode_matrices.
+local function new_session(self, batch, rows, room, forward)
+  local b = batch.ids:size(1)
   local step_mask, step_gate
-  if state.media then
+  if batch.n_media > 0 then
     step_mask, step_gate = gated_xattn.mask_tensors(self:decode_matrices(batch), batch.n_media, batch.latents)
   end
-
   return {
     batch = b, prompt_ids = rows, room = room,
     prefill = function()
-      local logits = lm:forward({ inputs_embeds = self:embed(batch.ids), positions = batch.positions,
-        key_mask = batch.key_mask, cache = cache, logits = "last", hook = hook })
-      state.hook, state.mask, state.gate = nil, step_mask, step_gate
-      return logits:select(2, 1) -- (B, 1, V) -> (B, V)
+      return forward(self:embed(batch.ids), batch.positions, batch.mask, batch.gate, batch.key_mask)
     end,
     step = function(tokens)
       local ids, pos = {}, {}
@@ -461,11 +485,106 @@ function Model:decode_session(batch, rows, room, hook)
         ids[r], pos[r] = { tokens[r] }, { batch.next_positions[r] }
         batch.next_positions[r] = batch.next_positions[r] + 1
       end
-      local logits = lm:forward({ inputs_embeds = self:embed(loom.tensor(ids, "i64")),
-        positions = loom.tensor(pos, "i64"), cache = cache, logits = "last" })
-      return logits:select(2, 1) -- (B, 1, V) -> (B, V)
+      return forward(self:embed(loom.tensor(ids, "i64")), loom.tensor(pos, "i64"), step_mask, step_gate)
     end,
   }
+end
+
+-- The prefill/step session of generate.run for a prepared batch, with a KV
+-- cache for the prompt and `room` new tokens. The projected media stay in
+-- the state; each forward pass sets the state's media mask.
+function Model:decode_session(batch, rows, room, hook)
+  local b, t = batch.ids:size(1), batch.ids:size(2)
+  local cache = self.lm:new_cache(b, t + math.max(room, 0))
+  local lm, state = self.lm, self.state
+  return new_session(self, batch, rows, room, function(embeds, positions, mask, gate, key_mask)
+    state.mask, state.gate = mask, gate
+    local logits = lm:forward({ inputs_embeds = embeds, positions = positions, key_mask = key_mask, cache = cache,
+      logits = "last", hook = hook })
+    hook, state.hook = nil, nil -- the hook sees the prompt's pass only
+    return logits:select(2, 1) -- (B, 1, V) -> (B, V)
+  end)
+end
+
+-- ---------------------------------------------------------------------------
+-- Dynamic batching (loom.scheduler)
+
+-- Whether the perceiver adds media-time embeddings: it then resamples an
+-- image depending on its place among its sequence's images.
+local function timed_perceiver(self)
+  return self.perceiver.media_time_embs ~= nil
+end
+
+-- Encode images of several requests in one forward (scheduler:
+-- encode_images): pixels (N, 3, S, S) or (N, F, 3, S, S) -> latents
+-- (N, L, Dv) from the vision tower and the perceiver. A perceiver with
+-- media-time embeddings needs each image's place in its request, which
+-- this batch does not know. With such a perceiver this returns the vision
+-- tokens (N, F, P, Dv), and generate_scheduled resamples each request's
+-- images on its own.
+function Model:encode_images(pixels)
+  local tokens = self:frame_tokens(pixels)
+  if timed_perceiver(self) then return tokens end
+  return self.perceiver:forward(tokens)
+end
+
+-- Run the decoder over segments of several sequences (loom.scheduler). A
+-- segment is {embeds (1, t, D), positions (1, t) i64, cache (new_cache(1,
+-- n))} with its images' media ({[block] = kv}, nil without images),
+-- media_mask and media_gate (see gated_xattn's Block:forward_segments).
+-- Returns logits (S, V) of the last position of each segment.
+function Model:forward_segments(segments)
+  return self.lm:forward_segments(segments)
+end
+
+-- Generate for one request through `sched` (a loom.scheduler), batched with
+-- the other requests in flight. args are those of Model:generate for one
+-- prompt: a prompt list, args.prompt with args.images, or one row of
+-- args.input_ids with args.pixel_values or args.images, and the generation
+-- options. Returns {text, tokens, finish_reason, prompt_ids}, the same as
+-- Model:generate gives for this request alone.
+function Model:generate_scheduled(args, sched)
+  if args.prompts then error("scheduler:generate takes one prompt per call; run one task per prompt", 3) end
+  local rows, images = self:encode_prompts(args)
+  if #rows ~= 1 then error(string.format("scheduler:generate takes one row of input_ids, got %d", #rows), 3) end
+  local masks = tensor_rows(args.attention_mask)
+  for i, m in ipairs(masks and masks[1] or {}) do
+    if m == 0 then
+      error(string.format("scheduler:generate takes no padding, but attention_mask is 0 at position %d", i), 3)
+    end
+  end
+  local pixels = images[1]
+  local n_media = pixels and pixels:size(1) or 0
+  local batch = self:token_inputs(rows, nil, n_media)
+  local room = self:room(batch, args.max_new_tokens or 32, 3)
+
+  -- the request's latents, from a vision batch shared with other requests,
+  -- projected for every block
+  local projected
+  if pixels then
+    local latents = sched:encode_images(pixels) -- (M, L, Dv)
+    if timed_perceiver(self) then
+      local times = {}
+      for i = 1, n_media do times[i] = i end
+      latents = self.perceiver:forward(latents, { media_times = times })
+    end
+    batch.latents = latents:size(2)
+    batch.mask, batch.gate = gated_xattn.mask_tensors(batch.matrices, n_media, batch.latents)
+    projected = self:project_media(latents:reshape(1, n_media * batch.latents, latents:size(3))) -- (M, L, Dv) -> (1, M*L, Dv)
+  end
+
+  -- every pass is a segment with the request's own cache and media
+  local cache = self.lm:new_cache(1, batch.ids:size(2) + math.max(room, 0))
+  local session = new_session(self, batch, rows, room, function(embeds, positions, mask, gate)
+    return sched:step({ embeds = embeds, positions = positions, cache = cache, media = projected,
+      media_mask = mask, media_gate = gate }) -- (1, V)
+  end)
+  local ok, results = pcall(generate.run, session, self:generation_options(args))
+  for _, layer_cache in ipairs(cache.layers) do layer_cache:free() end
+  if not ok then error(results, 0) end
+  local result = results[1]
+  result.prompt_ids = rows[1]
+  return result
 end
 
 -- ---------------------------------------------------------------------------

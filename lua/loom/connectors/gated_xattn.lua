@@ -194,13 +194,14 @@ function Block:project_media(media)
   return kv
 end
 
--- Cross-attention of text x (B, T, D) to projected media `kv` under `mask`
--- (u8, broadcast to (B, H, T, M*L)); `gate` (B, T, 1) is 1 for tokens that
--- see an image. Returns (B, T, D) before the tanh gate.
-function Block:cross_attention(x, kv, mask, gate)
-  local b, t = x:size(1), x:size(2)
+-- Attend with projected queries q (B, T, H*Dh) to projected media `kv`
+-- under `mask`, a u8 tensor broadcast to (B, H, T, M*L). `gate` (B, T, 1)
+-- is 1 for tokens that see an image. Returns (B, T, H*Dh) before the
+-- output projection.
+function Block:attend(q, kv, mask, gate)
+  local b, t = q:size(1), q:size(2)
   local h, hd = self.cfg.heads, self.cfg.head_dim
-  local q = self.q:forward(self.norm:forward(x)):view(b, t, h, hd):transpose(2, 3) -- (B, T, H*Dh) -> (B, H, T, Dh)
+  q = q:view(b, t, h, hd):transpose(2, 3) -- (B, T, H*Dh) -> (B, H, T, Dh)
   if self.q_norm then q = self.q_norm:forward(q) end
 
   -- rows whose keys are all masked come out as zeros
@@ -208,8 +209,13 @@ function Block:cross_attention(x, kv, mask, gate)
   if kv.mean_v then
     o = o + kv.mean_v * (1 - gate:unsqueeze(2)) -- (B, T, 1) -> (B, 1, T, 1)
   end
-  o = o:transpose(2, 3):reshape(b, t, h * hd) -- (B, H, T, Dh) -> (B, T, H*Dh)
-  o = self.out:forward(o)
+  return o:transpose(2, 3):reshape(b, t, h * hd) -- (B, H, T, Dh) -> (B, T, H*Dh)
+end
+
+-- Cross-attention of text x (B, T, D) to projected media `kv` under `mask`
+-- and `gate` (see attend). Returns (B, T, D) before the tanh gate.
+function Block:cross_attention(x, kv, mask, gate)
+  local o = self.out:forward(self:attend(self.q:forward(self.norm:forward(x)), kv, mask, gate))
   if kv.mean_v then return o end
   return o * gate
 end
@@ -228,6 +234,40 @@ function Block:forward(x, media, hook)
   return nn.tap(hook, self.name .. ".output", x)
 end
 
+-- The block over segments of different sequences side by side (dynamic
+-- batching): x (1, N, D) contains segments[i]'s lengths[i] rows in order.
+-- Each segment brings its own images: segment.media ({[block] = projected
+-- media}, nil without images), segment.media_mask (1, 1, t, M*L) and
+-- segment.media_gate (1, t, 1) from mask_tensors. The norm, projections and
+-- feed-forward run once over all N rows; attention runs per segment on its
+-- own media. Rows of a segment without images get no cross-attention, as
+-- forward gives them.
+function Block:forward_segments(x, segments, lengths)
+  local inner = self.cfg.heads * self.cfg.head_dim
+  local q, outs, gates, any, offset = nil, {}, {}, false, 1
+  for i, s in ipairs(segments) do
+    local t = lengths[i]
+    local kv = s.media and s.media[self]
+    if kv then
+      q = q or self.q:forward(self.norm:forward(x)) -- (1, N, H*Dh)
+      outs[i] = self:attend(q:narrow(2, offset, t), kv, s.media_mask, s.media_gate) -- (1, t, H*Dh)
+      -- "uniform" blocks keep the rows without an image (see cross_attention)
+      gates[i] = kv.mean_v and loom.ones({ 1, t, 1 }) or s.media_gate
+      any = true
+    else
+      -- zero rows project to zero (the projection has no bias)
+      outs[i], gates[i] = loom.zeros({ 1, t, inner }), loom.zeros({ 1, t, 1 })
+    end
+    offset = offset + t
+  end
+  if any then
+    local o = #outs == 1 and outs[1] or loom.cat(outs, 2) -- S x (1, t_i, H*Dh) -> (1, N, H*Dh)
+    local gate = #gates == 1 and gates[1] or loom.cat(gates, 2) -- S x (1, t_i, 1) -> (1, N, 1)
+    x = x + self.out:forward(o) * gate * self.attn_gate
+  end
+  return x + self.ff:forward(self.ff_norm:forward(x)) * self.ff_gate
+end
+
 -- ---------------------------------------------------------------------------
 -- Insertion between the layers of a frozen language model
 
@@ -243,6 +283,14 @@ function Wrapped:forward(x, ...)
   }
   x = self.block:forward(x, media, state.hook)
   return self.inner:forward(x, ...)
+end
+
+-- Segments of several sequences (see Block:forward_segments): the gated
+-- block with each segment's own media, then the language model's layer
+-- with the arguments the model passed. The shared state is not read.
+function Wrapped:forward_segments(x, segments, lengths, li, ...)
+  x = self.block:forward_segments(x, segments, lengths)
+  return self.inner:forward_segments(x, segments, lengths, li, ...)
 end
 
 -- A new layer list in which blocks[i] (a table indexed by 1-based layer

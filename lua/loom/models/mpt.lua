@@ -3,7 +3,8 @@
 -- exact-GELU feed-forward, output head tied to the token embeddings, and a
 -- KV cache for decoding. The layer list can be wrapped from outside (as
 -- Flamingo's gated cross-attention does) because forward only calls
--- layer:forward(x, bias, kv, mask) on each entry.
+-- layer:forward(x, bias, kv) on each entry (forward_segments calls
+-- layer:forward_segments(x, segments, lengths, li, biases)).
 local loom = require("loom.core")
 local nn = require("loom.nn")
 
@@ -78,14 +79,12 @@ local function new_layer(weights, prefix, cfg)
   return self
 end
 
--- x (B, T, D); bias: additive (B or 1, H, 1, K) ALiBi plus padding bias;
--- kv: this layer's cache or nil.
-function Layer:attention(x, bias, kv)
-  local cfg = self.cfg
-  local b, t, d = x:size(1), x:size(2), cfg.d_model
-  local h, hd = cfg.n_heads, cfg.head_dim
-
-  -- fused projection, optionally clamped, split into q, k, v
+-- Queries, keys and values (B, T, D) each of x (B, T, D): the fused
+-- projection, optionally clamped, split, with the optional q/k LayerNorms.
+-- Every row is computed on its own, so rows of several sequences can share
+-- one call.
+function Layer:project_qkv(x)
+  local cfg, d = self.cfg, self.cfg.d_model
   local qkv = self.Wqkv:forward(x) -- (B, T, 3D)
   if cfg.clip_qkv then
     qkv = loom.minimum(loom.maximum(qkv, -cfg.clip_qkv), cfg.clip_qkv)
@@ -94,6 +93,16 @@ function Layer:attention(x, bias, kv)
   if self.q_ln then
     q, k = self.q_ln:forward(q), self.k_ln:forward(k)
   end
+  return q, k, v
+end
+
+-- Attention of projected q, k, v (B, T, D) each: split into heads, append
+-- to the cache kv (or nil) and attend causally under the additive bias.
+-- Returns (B, T, D) before out_proj.
+function Layer:attend(q, k, v, bias, kv)
+  local cfg = self.cfg
+  local b, t, d = q:size(1), q:size(2), cfg.d_model
+  local h, hd = cfg.n_heads, cfg.head_dim
   q = q:reshape(b, t, h, hd):transpose(2, 3) -- (B, T, D) -> (B, H, T, Dh)
   k = k:reshape(b, t, h, hd):transpose(2, 3) -- (B, T, D) -> (B, H, T, Dh)
   v = v:reshape(b, t, h, hd):transpose(2, 3) -- (B, T, D) -> (B, H, T, Dh)
@@ -104,12 +113,37 @@ function Layer:attention(x, bias, kv)
 
   -- causal attention with the ALiBi bias of the K keys
   local o = loom.attention(q, k, v, { causal = true, mask = bias, scale = cfg.softmax_scale })
-  o = o:transpose(2, 3):reshape(b, t, d) -- (B, H, T, Dh) -> (B, T, D)
-  return self.out_proj:forward(o)
+  return o:transpose(2, 3):reshape(b, t, d) -- (B, H, T, Dh) -> (B, T, D)
+end
+
+-- x (B, T, D); bias: additive (B or 1, H, 1, K) ALiBi plus padding bias;
+-- kv: this layer's cache or nil.
+function Layer:attention(x, bias, kv)
+  local q, k, v = self:project_qkv(x)
+  return self.out_proj:forward(self:attend(q, k, v, bias, kv))
 end
 
 function Layer:forward(x, bias, kv)
   local h = x + self:attention(self.norm_1:forward(x), bias, kv)
+  return h + self.ffn:forward(self.norm_2:forward(h))
+end
+
+-- The layer over segments of different sequences side by side: x (1, N, D)
+-- contains segments[i]'s lengths[i] rows in order. Norms, projections and the
+-- feed-forward run once over all N rows; the cache append and attention
+-- run per segment on its own cache (layer `li`) under its ALiBi bias
+-- biases[i], so no sequence attends to another's keys.
+function Layer:forward_segments(x, segments, lengths, li, biases)
+  local q, k, v = self:project_qkv(self.norm_1:forward(x)) -- (1, N, D) each
+  local outs, offset = {}, 1
+  for i, s in ipairs(segments) do
+    local t = lengths[i]
+    outs[i] = self:attend(q:narrow(2, offset, t), k:narrow(2, offset, t), v:narrow(2, offset, t), biases[i],
+      s.cache.layers[li]) -- (1, t, D)
+    offset = offset + t
+  end
+  local o = #outs == 1 and outs[1] or loom.cat(outs, 2) -- S x (1, t_i, D) -> (1, N, D)
+  local h = x + self.out_proj:forward(o)
   return h + self.ffn:forward(self.norm_2:forward(h))
 end
 
@@ -223,6 +257,44 @@ function Model:forward(args)
     logits = self.lm_head:forward(x) -- (B, T, D) -> (B, T, V)
   end
   return logits, x
+end
+
+-- Run segments of different sequences in one pass, for dynamic batching
+-- (loom.scheduler). `segments` is a list of {embeds = (1, t, D) f32,
+-- cache = a cache of new_cache(1, capacity)}; each segment's keys and
+-- values are appended to its own cache, and its ALiBi bias covers its own
+-- cached and new positions. A layer that another module inserted into
+-- self.layers takes part through its own
+-- forward_segments(x, segments, lengths, li, biases). Returns logits (S, V)
+-- of the last position of every segment, in order.
+function Model:forward_segments(segments)
+  local parts, lengths, biases = {}, {}, {}
+  for i, s in ipairs(segments) do
+    local t, past = s.embeds:size(2), s.cache.length
+    if past + t > s.cache.capacity then
+      error(string.format("KV cache is full: %d positions cached + %d new exceeds its capacity of %d",
+        past, t, s.cache.capacity), 2)
+    end
+    if past + t > self.cfg.max_seq_len then
+      error(string.format("sequence of %d positions exceeds MPT's max_seq_len of %d", past + t, self.cfg.max_seq_len), 2)
+    end
+    parts[i], lengths[i], biases[i] = s.embeds, t, self:attention_bias(past + t) -- (1, H, 1, K)
+  end
+  local x = #parts == 1 and parts[1] or loom.cat(parts, 2) -- S x (1, t_i, D) -> (1, N, D)
+  for li, layer in ipairs(self.layers) do
+    x = layer:forward_segments(x, segments, lengths, li, biases)
+  end
+  x = self.norm_f:forward(x)
+
+  -- the last position of each segment through the output head
+  local lasts, offset = {}, 0
+  for i, s in ipairs(segments) do
+    offset = offset + lengths[i]
+    lasts[i] = x:narrow(2, offset, 1) -- (1, 1, D)
+    s.cache.length = s.cache.length + lengths[i]
+  end
+  local last = #lasts == 1 and lasts[1] or loom.cat(lasts, 2) -- S x (1, 1, D) -> (1, S, D)
+  return self.lm_head:forward(last):select(1, 1) -- (1, S, V) -> (S, V)
 end
 
 M.Model = Model

@@ -89,6 +89,10 @@ typedef enum loom_linear_path {
 } loom_linear_path;
 void loom_set_linear_path(loom_linear_path path);
 loom_linear_path loom_get_linear_path(void);
+/* The kernel LOOM_PATH_BF16 runs on this machine: "amx", "avx512bf16" or
+ * "f32". With "amx", every row of x gets the same bits whatever rows come
+ * with it (bf16 weights), which batched decoding relies on. */
+const char *loom_linear_bf16_kernel_name(void);
 
 /* ---- gathering */
 /* out = weight[ids]: ids i32/i64 of any shape, weight (V, D) f32/f16/bf16 ->

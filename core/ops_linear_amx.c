@@ -419,3 +419,151 @@ int loom_linear_amx(float *c, const loom_blas_mat *xm, const uint16_t *w, int64_
     loom_free(bias_pad);
     return rc;
 }
+
+/* ---- few rows of x: the weight in place as the tile rows
+ *
+ * For decoding, packing the weight (pack_w_block) would cost as much memory
+ * traffic as the product itself. Here the roles turn around: tile rows are
+ * 16 weight rows loaded straight from the weight (64 bytes of each row per
+ * step), and the second operand holds the k-pairs of up to 16 rows of x, so
+ * the C tile is (weight rows, x rows), transposed on the way out. */
+
+/* Output columns (weight rows) per unit of work: four C tiles share each
+ * loaded x tile. */
+#define FEW_TILES 4
+#define FEW_NB (FEW_TILES * 16)
+/* Units handed to a thread at a time (dynamic, like the few-row AVX-512
+ * kernel, so that a busy core does not hold the call up). */
+#define FEW_CHUNK 2
+#ifndef FEW_KRUN
+#define FEW_KRUN 16
+#endif
+
+/* x rows as the second operand: step s is 16 k-pairs (rows) of 16 x rows,
+ * each x row's pair (k, k + 1) one 32-bit word, zeros past M and K. */
+AMX_TARGET static void pack_x_few(uint16_t *dst, const loom_blas_mat *xm, int64_t ksteps,
+                                  float *row) {
+    int64_t k_len = xm->cols;
+    for (int64_t s = 0; s < ksteps; s++) {
+        __m512i rows[16], cols[16];
+        for (int m = 0; m < 16; m++) {
+            if (m >= xm->rows) {
+                rows[m] = _mm512_setzero_si512();
+                continue;
+            }
+            const float *src = xm->p + m * xm->ld + s * TILE_K;
+            if (xm->trans == CblasTrans) {
+                int64_t n = k_len - s * TILE_K < TILE_K ? k_len - s * TILE_K : TILE_K;
+                for (int64_t k = 0; k < n; k++) row[k] = xm->p[(s * TILE_K + k) * xm->ld + m];
+                src = row;
+            }
+            rows[m] = bf16x32(src, k_len - s * TILE_K);
+        }
+        transpose16x16(rows, cols);
+        __m512i *t = (__m512i *)(dst + s * TILE_ELEMS);
+        for (int p = 0; p < 16; p++) _mm512_store_si512(t + p, cols[p]);
+    }
+}
+
+/* Where tile j of a unit reads its weight rows at step s: in place, or from
+ * `pad` (16 rows of TILE_K, zero filled) when the tile runs past N or the
+ * step past K. Returns the pointer and sets *stride (bytes). */
+AMX_TARGET static const uint16_t *few_weight_tile(const uint16_t *w, int64_t ldw, int64_t n_out,
+                                                  int64_t k_len, int64_t n0, int64_t s,
+                                                  uint16_t *pad, int64_t *stride) {
+    int64_t k0 = s * TILE_K;
+    if (n0 + 16 <= n_out && k0 + TILE_K <= k_len) {
+        *stride = ldw * (int64_t)sizeof(uint16_t);
+        return w + n0 * ldw + k0;
+    }
+    for (int i = 0; i < 16; i++) {
+        int64_t n = n0 + i;
+        __m512i v = n < n_out ? weight_row32(w + n * ldw, k0, k_len, false) : _mm512_setzero_si512();
+        _mm512_store_si512(pad + i * TILE_K, v);
+    }
+    *stride = 64;
+    return pad;
+}
+
+/* One unit: weight rows n0 .. n0 + 64 (fewer at the end of N) against every
+ * step of x. C tiles start from the bias, as in loom_linear_amx. */
+AMX_TARGET static void few_unit(float *c, int64_t m_len, const uint16_t *xp, int64_t ksteps,
+                                const uint16_t *w, int64_t ldw, int64_t n_out, int64_t k_len,
+                                const float *bias, int64_t n0, uint16_t *pad, float *out) {
+    int ntiles = (int)((n_out - n0 + 15) / 16);
+    if (ntiles > FEW_TILES) ntiles = FEW_TILES;
+    /* the starting tiles: row i holds 16 copies of the bias of output n0 + i */
+    float *b = out;
+    for (int i = 0; i < ntiles * 16; i++)
+        _mm512_store_ps(b + i * 16, _mm512_set1_ps(bias && n0 + i < n_out ? bias[n0 + i] : 0.0f));
+    _tile_loadd(0, b, 64);
+    if (ntiles > 1) _tile_loadd(1, b + 256, 64);
+    if (ntiles > 2) _tile_loadd(2, b + 512, 64);
+    if (ntiles > 3) _tile_loadd(3, b + 768, 64);
+    /* Steps go FEW_KRUN at a time for one tile before the next tile, so that
+     * each weight row is read in runs of FEW_KRUN cache lines. Each C tile
+     * still sums its steps in order. */
+    for (int64_t s0 = 0; s0 < ksteps; s0 += FEW_KRUN) {
+        int64_t s1 = s0 + FEW_KRUN < ksteps ? s0 + FEW_KRUN : ksteps, st;
+        /* C tile CT += weight tile (in tile AT) of rows n0 + 16 J, steps s0 .. s1;
+         * tile numbers are immediates, hence the macro */
+#define FEW_RUN(CT, AT, J)                                                                          \
+    for (int64_t s = s0; s < s1; s++) {                                                             \
+        _tile_loadd(4, xp + s * TILE_ELEMS, 64);                                                    \
+        _tile_loadd(AT, few_weight_tile(w, ldw, n_out, k_len, n0 + 16 * (J), s, pad + (J) * TILE_ELEMS, \
+                                        &st),                                                       \
+                    st);                                                                            \
+        _tile_dpbf16ps(CT, AT, 4);                                                                  \
+    }
+        FEW_RUN(0, 5, 0)
+        if (ntiles > 1) FEW_RUN(1, 6, 1)
+        if (ntiles > 2) FEW_RUN(2, 7, 2)
+        if (ntiles > 3) FEW_RUN(3, 5, 3)
+#undef FEW_RUN
+    }
+    _tile_stored(0, out, 64);
+    if (ntiles > 1) _tile_stored(1, out + 256, 64);
+    if (ntiles > 2) _tile_stored(2, out + 512, 64);
+    if (ntiles > 3) _tile_stored(3, out + 768, 64);
+    /* out row i is weight row n0 + i across the x rows: write it as a column of C */
+    int64_t n_len = n_out - n0 < FEW_NB ? n_out - n0 : FEW_NB;
+    for (int64_t m = 0; m < m_len; m++)
+        for (int64_t i = 0; i < n_len; i++) c[m * n_out + n0 + i] = out[i * 16 + m];
+}
+
+int loom_linear_amx_few(float *c, const loom_blas_mat *xm, const uint16_t *w, int64_t ldw,
+                        int64_t n_out, const float *bias) {
+    int64_t m_len = xm->rows, k_len = xm->cols;
+    if (m_len > LOOM_AMX_FEW_MAX_ROWS)
+        return loom_error("linear: the few-row AMX kernel takes at most %d rows, got %lld",
+                          LOOM_AMX_FEW_MAX_ROWS, (long long)m_len);
+    int64_t ksteps = (k_len + TILE_K - 1) / TILE_K;
+    int64_t units = (n_out + FEW_NB - 1) / FEW_NB;
+    int nt = n_out * k_len >= LOOM_PARALLEL_MIN_ELEMS ? omp_get_max_threads() : 1;
+
+    uint16_t *xp = loom_alloc((size_t)ksteps * TILE_ELEMS * sizeof(uint16_t));
+    uint16_t *pad = loom_alloc((size_t)nt * FEW_TILES * TILE_ELEMS * sizeof(uint16_t));
+    float *out = loom_alloc((size_t)nt * FEW_TILES * 256 * sizeof(float));
+    float *row = loom_alloc(TILE_K * sizeof(float));
+    int rc = LOOM_OK;
+    if (xp == NULL || pad == NULL || out == NULL || row == NULL) {
+        rc = loom_error_prefix("linear");
+    } else {
+        pack_x_few(xp, xm, ksteps, row);
+#pragma omp parallel num_threads(nt)
+        {
+            int t = omp_get_thread_num();
+            tile_setup();
+#pragma omp for schedule(dynamic, FEW_CHUNK)
+            for (int64_t u = 0; u < units; u++)
+                few_unit(c, m_len, xp, ksteps, w, ldw, n_out, k_len, bias, u * FEW_NB,
+                         pad + (size_t)t * FEW_TILES * TILE_ELEMS, out + (size_t)t * FEW_TILES * 256);
+            _tile_release();
+        }
+    }
+    loom_free(xp);
+    loom_free(pad);
+    loom_free(out);
+    loom_free(row);
+    return rc;
+}

@@ -586,6 +586,11 @@ static int l_ops_get_linear_path(lua_State *L) {
     return 1;
 }
 
+static int l_ops_linear_kernel(lua_State *L) {
+    lua_pushstring(L, loom_linear_bf16_kernel_name());
+    return 1;
+}
+
 /* ---------------------------------------------------------------------------
  * KV cache userdata */
 
@@ -761,6 +766,7 @@ static const luaL_Reg ops_module_funcs[] = {
     {"kv_cache", l_ops_kv_cache},
     {"set_linear_path", l_ops_set_linear_path},
     {"get_linear_path", l_ops_get_linear_path},
+    {"linear_kernel", l_ops_linear_kernel},
     {NULL, NULL},
 };
 

@@ -102,7 +102,9 @@ static void run_linear_case(const linear_case *lc) {
      * 16-bit weight) also rounds each activation to bf16, and f16 weights to
      * bf16, each at most 2^-9 relative; 2^-7 sum |x w| covers both with a
      * factor of two to spare. */
-    bool bf16_route = lc->path == LOOM_PATH_BF16 && lc->wdtype != LOOM_F32 && rows > 8;
+    bool few_amx = lc->wdtype == LOOM_BF16 && rows <= LOOM_AMX_FEW_MAX_ROWS &&
+                   loom_linear_bf16_kernel() == LOOM_BF16_KERNEL_AMX;
+    bool bf16_route = lc->path == LOOM_PATH_BF16 && lc->wdtype != LOOM_F32 && (rows > 8 || few_amx);
     double worst = 0;
     int bad = 0;
     for (int64_t m = 0; m < rows && y.storage; m++) {
@@ -318,7 +320,14 @@ static void run_kernel_case(const kernel_case *kc, loom_bf16_kernel kernel, int 
     loom_linear_pin_bf16_kernel(LOOM_BF16_KERNEL_AUTO);
     omp_set_num_threads(saved_threads);
 
-    bool rounded = kernel != LOOM_BF16_KERNEL_F32;
+    /* what the pin falls back to here; up to 8 rows the f32 few-row kernel
+     * serves the bf16 path, except where the few-row AMX kernel takes them */
+    loom_linear_pin_bf16_kernel(kernel);
+    loom_bf16_kernel used = loom_linear_bf16_kernel();
+    loom_linear_pin_bf16_kernel(LOOM_BF16_KERNEL_AUTO);
+    bool few_amx = used == LOOM_BF16_KERNEL_AMX && kc->wdtype == LOOM_BF16 &&
+                   kc->m <= LOOM_AMX_FEW_MAX_ROWS;
+    bool rounded = used != LOOM_BF16_KERNEL_F32 && (kc->m > 8 || few_amx);
     int bad = 0;
     double worst = 0;
     for (int64_t i = 0; i < kc->m && y.storage; i++) {
@@ -416,6 +425,70 @@ static void test_amx_random_shapes(void) {
         };
         run_kernel_case(&kc, LOOM_BF16_KERNEL_AMX, (int)rng_int(1, 2));
     }
+}
+
+/* One to sixteen rows of x with a bf16 weight take the few-row AMX kernel,
+ * which reads the weight in place: edges of every kind (k short of a step,
+ * n short of a tile or a four-tile unit), transposed x, row-strided weight,
+ * one and two threads. */
+static void test_amx_few_rows(void) {
+    const kernel_case cases[] = {
+        {1, 1, 1, LOOM_BF16, 0, 0, true},
+        {1, 4133, 129, LOOM_BF16, 0, 2, true},
+        {2, 1, 1, LOOM_BF16, 0, 0, true},
+        {3, 31, 17, LOOM_BF16, 0, 0, false},
+        {5, 64, 64, LOOM_BF16, 0, 0, true},
+        {8, 100, 65, LOOM_BF16, 1, 0, true},
+        {16, 33, 200, LOOM_BF16, 0, 2, false},
+        {7, 4133, 70, LOOM_BF16, 2, 2, true},
+        {16, 1500, 300, LOOM_BF16, 1, 2, true},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        for (int threads = 1; threads <= 2; threads++)
+            run_kernel_case(&cases[i], LOOM_BF16_KERNEL_AMX, threads);
+    for (int i = 0; i < 30; i++) {
+        kernel_case kc = {
+            .m = rng_int(1, 16), .k = rng_int(1, 300), .n = rng_int(1, 200), .wdtype = LOOM_BF16,
+            .xlayout = (int)rng_int(0, 2), .wlayout = (int)rng_int(0, 2), .bias = rng_int(0, 1),
+        };
+        run_kernel_case(&kc, LOOM_BF16_KERNEL_AMX, (int)rng_int(1, 2));
+    }
+}
+
+/* On the bf16 path a row of x gets the same bits whatever rows come with
+ * it: the first m rows of a 24-row product (many-row AMX kernel) equal the
+ * product of those m rows alone (few-row AMX kernel). This is
+ * what lets batched decoding give the tokens of a single run. */
+static void test_amx_rows_independent(void) {
+    if (!loom_amx_bf16_usable()) {
+        printf("note: no AMX-BF16 here, so the row-independence test is skipped\n");
+        return;
+    }
+    int64_t k = 300, n = 150, xs[2] = {24, k}, ws[2] = {n, k};
+    loom_tensor x = random_tensor(LOOM_F32, 2, xs), w = random_tensor(LOOM_BF16, 2, ws);
+    loom_tensor b = random_tensor(LOOM_F32, 1, &n);
+    loom_tensor all = LOOM_TENSOR_EMPTY;
+    loom_set_linear_path(LOOM_PATH_BF16);
+    CHECK_OK(loom_linear(&all, &x, &w, &b));
+    for (int64_t m = 1; m <= 16 && all.storage; m++) {
+        loom_tensor part = LOOM_TENSOR_EMPTY, y = LOOM_TENSOR_EMPTY;
+        CHECK_OK(loom_tensor_narrow(&part, &x, 0, 0, m));
+        CHECK_OK(loom_linear(&y, &part, &w, &b));
+        if (y.storage) {
+            int differ = 0;
+            const float *yp = loom_tensor_data(&y), *ap = loom_tensor_data(&all);
+            for (int64_t i = 0; i < m * n; i++) differ += memcmp(&yp[i], &ap[i], sizeof(float)) != 0;
+            CHECK(differ == 0, "%lld rows alone: %d of %lld values differ from the same rows among 24",
+                  (long long)m, differ, (long long)(m * n));
+        }
+        loom_tensor_free(&part);
+        loom_tensor_free(&y);
+    }
+    loom_set_linear_path(LOOM_PATH_F32);
+    loom_tensor_free(&x);
+    loom_tensor_free(&w);
+    loom_tensor_free(&b);
+    loom_tensor_free(&all);
 }
 
 /* Infinities and NaN in x reach the output of the AMX kernel. */
@@ -636,6 +709,8 @@ int main(void) {
     test_bf16_kernel_selection();
     test_bf16_kernels();
     test_amx_random_shapes();
+    test_amx_few_rows();
+    test_amx_rows_independent();
     test_amx_special_values();
     test_linear_fixed_cases();
     test_linear_random_cases();

@@ -3,13 +3,14 @@
 -- decoder). Each level reports jobs/s, the speed-up over concurrency 1 (no
 -- batching) and its peak resident memory. The memory bandwidth measured in
 -- the same run gives the decode rate it bounds.
---   bin/loom bench/batch.lua [--jobs 64] [--levels 1,2,4,8] [--max-new-tokens 64] [--dtype bf16] [--keep DIR]
+--   bin/loom bench/batch.lua [--jobs 64] [--levels 1,2,4,8] [--max-new-tokens 64] [--dtype bf16]
+--                            [--linear-path f32|bf16] [--keep DIR]
 -- Each level runs in its own process, so that its peak RSS is its own.
 local loom = require("loom")
 local json = require("loom.json")
 local uv = loom.uv
 
-local opts = { jobs = 64, levels = { 1, 2, 4, 8 }, max_new_tokens = 64, dtype = "bf16" }
+local opts = { jobs = 64, levels = { 1, 2, 4, 8 }, max_new_tokens = 64, dtype = "bf16", linear_path = "f32" }
 do
   local i = 1
   while i <= #arg do
@@ -23,10 +24,13 @@ do
       opts.max_new_tokens = math.tointeger(tonumber(v))
     elseif a == "--dtype" then
       opts.dtype = v
+    elseif a == "--linear-path" then
+      opts.linear_path = v
     elseif a == "--keep" then
       opts.keep = v
     elseif a == "-h" or a == "--help" then
-      print("usage: bin/loom bench/batch.lua [--jobs N] [--levels 1,2,4,8] [--max-new-tokens N] [--dtype bf16|f32] [--keep DIR]")
+      print("usage: bin/loom bench/batch.lua [--jobs N] [--levels 1,2,4,8] [--max-new-tokens N] [--dtype bf16|f32]\n"
+        .. "                               [--linear-path f32|bf16] [--keep DIR]")
       os.exit(0)
     else
       io.stderr:write("bench/batch.lua: unknown argument '", a, "'\n")
@@ -197,6 +201,7 @@ print(string.format("copy bandwidth %.1f GB/s: one decode step of one sequence r
 print(string.format("threads: OMP_NUM_THREADS=%s OPENBLAS_NUM_THREADS=%s OMP_WAIT_POLICY=%s UV_THREADPOOL_SIZE=%s, %d CPUs",
   os.getenv("OMP_NUM_THREADS") or "unset", os.getenv("OPENBLAS_NUM_THREADS") or "unset",
   os.getenv("OMP_WAIT_POLICY") or "unset", os.getenv("UV_THREADPOOL_SIZE") or "unset", uv.available_parallelism()))
+print(string.format("linear path %s (the bf16 path runs the %s kernel here)", opts.linear_path, loom.linear_kernel()))
 print()
 print(string.format("%-12s %8s %9s %9s %10s %14s %10s", "concurrency", "jobs/s", "speed-up", "tokens/s", "peak RSS",
   "seqs/step", "prefill"))
@@ -206,8 +211,8 @@ for _, level in ipairs(opts.levels) do
   local out, stats = string.format("%s/results-%d.jsonl", dir, level), string.format("%s/stats-%d.json", dir, level)
   os.remove(out)
   sh(string.format("'%s' '%sscripts/batch.lua' --pipeline llava --model '%s' --input '%s/jobs.jsonl' --output '%s' "
-    .. "--concurrency %d --max-batch %d --progress none --stats '%s' 2>/dev/null", loom_exe, root, model_dir, dir, out,
-    level, math.max(level, 1), stats))
+    .. "--concurrency %d --max-batch %d --linear-path %s --progress none --stats '%s' 2>/dev/null", loom_exe, root,
+    model_dir, dir, out, level, math.max(level, 1), opts.linear_path, stats))
   local s = assert(json.read(stats))
   base = base or s.jobs_per_s
   -- with the scheduler: sequences per decoder step, and the share of the

@@ -25,11 +25,15 @@ where it stopped.
   --model DIR              checkpoint directory
   --input FILE             jobs, one JSON object per line
   --output FILE            results, appended (created when missing)
-  --concurrency N          jobs in flight at once (default 1); with llava,
-                           their images load on the thread pool and their
-                           generation steps run as one batch
-  --max-batch N            sequences per batched step (llava, default 8)
-  --no-batching            run each generation on its own (llava)
+  --concurrency N          jobs in flight at once (default 1); their images
+                           load on the thread pool, their images share
+                           vision forwards and their generation steps run
+                           as one batch (beam search jobs run on their own)
+  --max-batch N            sequences per batched step (default 8)
+  --no-batching            run each generation on its own
+  --linear-path PATH       f32 (default: matches the reference
+                           implementations) or bf16 (activations rounded
+                           to bf16, AMX where the CPU has it; faster)
   --shard K/N              only the jobs whose id hashes to shard K of N
                            (0 <= K < N); K may be "env" to read it from
                            SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX
@@ -62,6 +66,7 @@ end
 local VALUE_OPTIONS = {
   ["--pipeline"] = "pipeline", ["--model"] = "model", ["--input"] = "input", ["--output"] = "output",
   ["--shard"] = "shard", ["--image-root"] = "image_root", ["--progress"] = "progress", ["--stats"] = "stats",
+  ["--linear-path"] = "linear_path",
 }
 local NUMBER_OPTIONS = {
   ["--concurrency"] = { "concurrency", "integer", 1 }, ["--max-batch"] = { "max_batch", "integer", 1 },
@@ -110,6 +115,9 @@ local function parse(args)
     if modes[opts.progress] == nil then fail("--progress must be auto, bar, lines or none", 2) end
     opts.progress = modes[opts.progress]
   end
+  if opts.linear_path ~= nil and opts.linear_path ~= "f32" and opts.linear_path ~= "bf16" then
+    fail(string.format("--linear-path must be f32 or bf16, got '%s'", opts.linear_path), 2)
+  end
   if opts.shard then
     local text = opts.shard
     local k_text, n_text = text:match("^(%a+)/(%d+)$")
@@ -128,6 +136,7 @@ local function parse(args)
 end
 
 local opts = parse(arg or {})
+if opts.linear_path then require("loom").set_linear_path(opts.linear_path) end
 local defaults = { max_new_tokens = opts.max_new_tokens, temperature = opts.temperature }
 
 local ok, summary = pcall(async.run, batch.run, {

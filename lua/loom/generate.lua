@@ -182,6 +182,13 @@ function M.run(session, opts)
     error("stop strings and streaming need a tokenizer to decode text", 2)
   end
 
+  -- Text is decoded at every step only when stop strings or streaming need
+  -- it, else once at the end; greedy picks without a repetition penalty
+  -- take the argmax in C instead of copying the logits into a Lua list.
+  local text_each_step = #stops > 0 or opts.stream ~= nil
+  local penalty = opts.repetition_penalty
+  local fast_greedy = not M.is_sampling(opts) and (penalty == nil or penalty == 1.0)
+
   local rows = {}
   for r = 1, b do
     local seen = {}
@@ -222,13 +229,18 @@ function M.run(session, opts)
       if row.done then
         next_tokens[r] = pad
       else
-        local id = M.next_token(logits[r]:totable(), opts, row.seen, row.rng)
+        local id
+        if fast_greedy then
+          id = math.tointeger(logits[r]:argmax():item())
+        else
+          id = M.next_token(logits[r]:totable(), opts, row.seen, row.rng)
+        end
         next_tokens[r] = id
         row.tokens[#row.tokens + 1] = id
         row.seen[id] = true
         if eos[id] then
           finish(row, r, "eos", id)
-        elseif row.text then
+        elseif row.text and text_each_step then
           row.text = tokenizer:decode(row.tokens)
           for _, s in ipairs(stops) do
             local at = row.text:find(s, 1, true)
@@ -258,6 +270,12 @@ function M.run(session, opts)
   local results = {}
   for r = 1, b do
     local row = rows[r]
+    if row.text and not text_each_step then
+      -- the text of every token but an ending EOS
+      local n = #row.tokens
+      if row.finish_reason == "eos" then n = n - 1 end
+      row.text = tokenizer:decode(table.move(row.tokens, 1, n, 1, {}))
+    end
     results[r] = { tokens = row.tokens, text = row.text, finish_reason = row.finish_reason }
   end
   return results

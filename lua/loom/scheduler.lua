@@ -52,9 +52,12 @@ M.Scheduler = Scheduler
 --                         prompt longer than this still runs, alone
 --   opts.merge_prefill    true runs the prompts of starting sequences in
 --                         the same pass as the decoding tokens (fewer weight
---                         reads). By default each prompt runs in a pass of
---                         its own, as a single run computes it, so that
---                         its rows take the same kernels.
+--                         reads, larger products), false gives each prompt
+--                         a pass of its own, as a single run computes it.
+--                         By default prompts merge when that keeps every
+--                         row's bits: on the bf16 linear path with the AMX
+--                         kernel (loom.linear_kernel()), where a row's
+--                         result does not depend on the rows beside it.
 
 -- The model methods the scheduler calls.
 local MODEL_METHODS = { "encode_images", "forward_segments", "generate_scheduled" }
@@ -101,13 +104,13 @@ function M.new(model, opts)
     max_batch = opts.max_batch or 8,
     max_images = opts.max_images or 8,
     max_step_tokens = opts.max_step_tokens or 2048,
-    merge_prefill = opts.merge_prefill or false,
+    merge_prefill = opts.merge_prefill, -- nil: decided per step (see merges_prefill)
     vision_queue = {}, -- {pixels (n, 3, S, S), wake}
     lm_queue = {},     -- {segment, wake}
     wakeup = async.event(),
     closed = false,
     live = 0,
-    stats = { steps = 0, passes = 0, step_rows = 0, step_sequences = 0, vision_batches = 0, vision_images = 0,
+    stats = { steps = 0, passes = 0, joined = 0, step_rows = 0, step_sequences = 0, vision_batches = 0, vision_images = 0,
       vision_s = 0, prefill_s = 0, decode_s = 0 },
   }, Scheduler)
   return self
@@ -185,6 +188,12 @@ function Scheduler:run_vision()
   end
 end
 
+-- Whether this step runs the starting prompts in the decoding pass.
+function Scheduler:merges_prefill()
+  if self.merge_prefill ~= nil then return self.merge_prefill end
+  return loom.get_linear_path() == "bf16" and loom.linear_kernel() == "amx"
+end
+
 function Scheduler:run_decoder()
   local take, rows = {}, 0
   while #self.lm_queue > 0 and #take < self.max_batch do
@@ -196,9 +205,9 @@ function Scheduler:run_decoder()
   end
   -- the passes of this step: every segment in one, or (by default) each
   -- prompt alone and the decoding tokens together
-  local passes = { {} }
+  local passes, merge = { {} }, self:merges_prefill()
   for _, item in ipairs(take) do
-    if self.merge_prefill or item.segment.embeds:size(2) == 1 then
+    if merge or item.segment.embeds:size(2) == 1 then
       table.insert(passes[1], item)
     else
       passes[#passes + 1] = { item }
@@ -210,7 +219,13 @@ function Scheduler:run_decoder()
       for i, item in ipairs(pass) do segments[i] = item.segment end
       local t0 = uv.hrtime()
       local ok, logits = pcall(self.model.forward_segments, self.model, segments)
-      local key = pass == passes[1] and "decode_s" or "prefill_s" -- the first pass contains the decoding rows
+      -- passes with a prompt in them count as prefill; a prompt that shares
+      -- its pass with decoding rows counts as joined
+      local key, prompts = "decode_s", 0
+      for _, item in ipairs(pass) do
+        if item.segment.embeds:size(2) > 1 then key, prompts = "prefill_s", prompts + 1 end
+      end
+      if prompts > 0 and prompts < #pass then self.stats.joined = self.stats.joined + prompts end
       self.stats[key] = self.stats[key] + uv.hrtime() - t0
       if ok then
         self.stats.passes = self.stats.passes + 1

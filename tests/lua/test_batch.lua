@@ -126,9 +126,42 @@ run("batched equals single", function()
       sched.stats.step_sequences, sched.stats.steps))
 end)
 
-run("bf16 batched logits bitwise", function()
-  -- with 16-bit decoder weights every row takes the few-row kernel, so the
-  -- logits of each step equal a single run's bit for bit
+-- Per-step logits of each request run alone and through a scheduler on
+-- the bf16 model `m`: the largest difference and the number of steps compared.
+local function batched_vs_single(m, requests, sched_opts)
+  local expected = {}
+  for i, r in ipairs(requests) do
+    expected[i] = {}
+    local args = { on_logits = function(step, l) expected[i][step] = l:clone() end }
+    for k, v in pairs(r) do args[k] = v end
+    m:generate(args)
+  end
+  local worst, steps = 0, 0
+  local sched = scheduler.new(m, sched_opts)
+  async.run(function()
+    -- requests after the second start once the first has decoded 3 tokens,
+    -- so that their prompts meet decoding rows
+    local decoding = async.event()
+    local tasks = {}
+    for i, r in ipairs(requests) do
+      local args = { on_logits = function(step, l)
+        steps = steps + 1
+        worst = math.max(worst, loom.max_abs_diff(l, expected[i][step]))
+        if i == 1 and step == 3 then decoding:set() end
+      end }
+      for k, v in pairs(r) do args[k] = v end
+      tasks[i] = async.spawn(function()
+        if i > 2 then decoding:wait() end
+        return sched:generate(args)
+      end)
+    end
+    async.all(tasks)
+    sched:close()
+  end)
+  return worst, steps, sched
+end
+
+local function bf16_model()
   local m = require("loom.llava").load(MODEL_DIR)
   local function to_bf16(module)
     for _, v in pairs(module) do
@@ -140,35 +173,48 @@ run("bf16 batched logits bitwise", function()
     to_bf16(layer.mlp)
   end
   m.lm.lm_head.weight = m.lm.lm_head.weight:to("bf16")
-  local requests = {
-    { image = IMAGE, prompt = prompt.llava_v1("What is it?"), max_new_tokens = 10 },
-    { image = IMAGE, prompt = prompt.llava_v1("A longer question about the picture?"), max_new_tokens = 14 },
-    { images = { IMAGE, IMAGE }, prompt = "<image> <image> two", max_new_tokens = 8, temperature = 0.9, seed = 2 },
-  }
-  local expected = {}
-  for i, r in ipairs(requests) do
-    expected[i] = {}
-    local args = { on_logits = function(step, l) expected[i][step] = l:clone() end }
-    for k, v in pairs(r) do args[k] = v end
-    m:generate(args)
-  end
-  local worst, steps = 0, 0
-  local sched = scheduler.new(m)
-  async.run(function()
-    local tasks = {}
-    for i, r in ipairs(requests) do
-      local args = { on_logits = function(step, l)
-        steps = steps + 1
-        worst = math.max(worst, loom.max_abs_diff(l, expected[i][step]))
-      end }
-      for k, v in pairs(r) do args[k] = v end
-      tasks[i] = async.spawn(sched.generate, sched, args)
-    end
-    async.all(tasks)
-    sched:close()
-  end)
-  check.equal(steps, 32, "every step of every request was compared")
+  return m
+end
+
+local BF16_REQUESTS = {
+  { image = IMAGE, prompt = prompt.llava_v1("What is it?"), max_new_tokens = 10 },
+  { image = IMAGE, prompt = prompt.llava_v1("A longer question about the picture?"), max_new_tokens = 14 },
+  { images = { IMAGE, IMAGE }, prompt = "<image> <image> two", max_new_tokens = 8, temperature = 0.9, seed = 2 },
+  { image = IMAGE, prompt = prompt.llava_v1("Late"), max_new_tokens = 6 },
+}
+
+run("bf16 batched logits bitwise", function()
+  -- with 16-bit decoder weights on the f32 path every decoding row takes
+  -- the few-row kernel and each prompt runs in a pass of its own, so the
+  -- logits of each step equal a single run's bit for bit
+  local worst, steps, sched = batched_vs_single(bf16_model(), BF16_REQUESTS)
+  check.equal(steps, 38, "every step of every request was compared")
   check.equal(worst, 0, "batched logits equal single-run logits exactly")
+  check.check(not sched:merges_prefill(), "prompts get passes of their own on the f32 path")
+end)
+
+run("bf16 path merges prompts and stays bitwise", function()
+  -- on the bf16 path with AMX a row's result does not depend on the rows
+  -- beside it, so prompts share the decoding pass and nothing changes
+  loom.set_linear_path("bf16")
+  local ok, err = pcall(function()
+    local m = bf16_model()
+    local worst, steps, sched = batched_vs_single(m, BF16_REQUESTS)
+    check.equal(steps, 38, "every step of every request was compared")
+    if loom.linear_kernel() == "amx" then
+      check.check(sched:merges_prefill(), "the scheduler merges prompts by default on the AMX kernel")
+      check.check(sched.stats.passes == sched.stats.steps, "one pass per step")
+      check.check(sched.stats.joined > 0, "a prompt ran in the same pass as decoding rows")
+      check.equal(worst, 0, "batched logits equal single-run logits exactly")
+    else
+      print("note: no AMX here, so prompts keep passes of their own; max difference " .. worst)
+      check.check(not sched:merges_prefill(), "no merging without the AMX kernel")
+    end
+    local forced = select(3, batched_vs_single(m, { BF16_REQUESTS[1] }, { merge_prefill = false }))
+    check.check(not forced:merges_prefill(), "merge_prefill = false overrides the default")
+  end)
+  loom.set_linear_path("f32")
+  if not ok then error(err, 0) end
 end)
 
 run("scheduler.new checks arguments", function()

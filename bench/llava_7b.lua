@@ -3,8 +3,9 @@
 -- instruction peaks, the GEMM rates of both paths and the streaming read
 -- bandwidth. Image encode and prefill on the f32 and bf16 paths are set
 -- against their FLOP bounds, decode seconds per token against weight bytes
--- over the bandwidth measured beside each step, and the peak resident size
--- against the bytes of the memory-mapped weights.
+-- over the bandwidth measured beside each step (also for batched steps of
+-- 8 and 16 sequences, as the scheduler runs them), and the peak resident
+-- size against the bytes of the memory-mapped weights.
 -- The weights (about 14 GB) are written once by Loom as sharded safetensors
 -- into a cache directory and reused. Usage (bin/loom, or lua5.4 with the
 -- loom paths):
@@ -731,6 +732,42 @@ row(string.format("decode, %.2f GB of weights per token", decode_bytes / 1e9), "
   median(ratios), ">= 0.85", median(step_others))
 print("decode steps (s): " .. numbers_text(step_times, "%.3f"))
 print("their bounds (s): " .. numbers_text(step_bounds, "%.3f"))
+-- (7) batched decoding, as loom.scheduler runs it: one step of S sequences
+-- through lm:forward_segments, each on its own cache after a short prompt of
+-- its own. The step reads the weights once for all S rows, so the bound is
+-- S tokens per weight read. Short prompts keep the caches small.
+local BATCH_PROMPT = 16
+for _, nseq in ipairs({ 1, 8, 16 }) do
+  local caches, segs = {}, {}
+  for i = 1, nseq do
+    caches[i] = model.lm:new_cache(1, BATCH_PROMPT + 4)
+    segs[i] = { embeds = loom.randn({ 1, BATCH_PROMPT, SHAPES.lm.hidden }, { seed = 100 + i, std = 0.02 }),
+      positions = loom.arange(0, BATCH_PROMPT, 1, "i64"):view(1, BATCH_PROMPT), cache = caches[i] }
+  end
+  model.lm:forward_segments(segs)
+  local step = 0
+  local before, after, dt
+  local share = measured(function()
+    step = step + 1
+    for i = 1, nseq do
+      segs[i] = { embeds = loom.randn({ 1, 1, SHAPES.lm.hidden }, { seed = 200 + i, std = 0.02 }),
+        positions = loom.tensor({ { BATCH_PROMPT + step - 1 } }, "i64"), cache = caches[i] }
+    end
+    collectgarbage()
+    before = read_bandwidth(dweights)
+    local t = bench.now()
+    model.lm:forward_segments(segs)
+    dt = bench.now() - t
+    after = read_bandwidth(dweights)
+  end, 3)
+  local bound = decode_bytes / ((before + after) / 2)
+  row(string.format("batched decode step, %d sequence%s", nseq, nseq > 1 and "s" or ""), "bf16 (scheduler)",
+    string.format("%.1f tok/s (%.3f s)", nseq / dt, dt), string.format("%.1f tok/s", nseq / bound), bound / dt, nil,
+    share)
+  for i = 1, nseq do free_cache(caches[i]) end
+  collectgarbage()
+end
+
 local run_peak = status_kib("VmHWM") * 1024
 row(peak_reset and "peak resident, one request (VmHWM)" or "peak resident, whole run (VmHWM)", "",
   string.format("%.2f GB", request_peak / 1e9), string.format("%.2f GB weights", weight_bytes / 1e9),

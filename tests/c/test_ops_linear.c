@@ -442,6 +442,9 @@ static void test_amx_few_rows(void) {
         {16, 33, 200, LOOM_BF16, 0, 2, false},
         {7, 4133, 70, LOOM_BF16, 2, 2, true},
         {16, 1500, 300, LOOM_BF16, 1, 2, true},
+        /* weights above 4 MiB stream in one-tile units with prefetching */
+        {1, 4133, 520, LOOM_BF16, 0, 0, true},
+        {9, 2100, 1031, LOOM_BF16, 2, 2, false},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         for (int threads = 1; threads <= 2; threads++)
@@ -458,13 +461,10 @@ static void test_amx_few_rows(void) {
 /* On the bf16 path a row of x gets the same bits whatever rows come with
  * it: the first m rows of a 24-row product (many-row AMX kernel) equal the
  * product of those m rows alone (few-row AMX kernel). This is
- * what lets batched decoding give the tokens of a single run. */
-static void test_amx_rows_independent(void) {
-    if (!loom_amx_bf16_usable()) {
-        printf("note: no AMX-BF16 here, so the row-independence test is skipped\n");
-        return;
-    }
-    int64_t k = 300, n = 150, xs[2] = {24, k}, ws[2] = {n, k};
+ * what lets batched decoding give the tokens of a single run. The weight
+ * is n x k: small ones take four-tile units, large ones one-tile units. */
+static void check_rows_independent(int64_t k, int64_t n) {
+    int64_t xs[2] = {24, k}, ws[2] = {n, k};
     loom_tensor x = random_tensor(LOOM_F32, 2, xs), w = random_tensor(LOOM_BF16, 2, ws);
     loom_tensor b = random_tensor(LOOM_F32, 1, &n);
     loom_tensor all = LOOM_TENSOR_EMPTY;
@@ -478,8 +478,8 @@ static void test_amx_rows_independent(void) {
             int differ = 0;
             const float *yp = loom_tensor_data(&y), *ap = loom_tensor_data(&all);
             for (int64_t i = 0; i < m * n; i++) differ += memcmp(&yp[i], &ap[i], sizeof(float)) != 0;
-            CHECK(differ == 0, "%lld rows alone: %d of %lld values differ from the same rows among 24",
-                  (long long)m, differ, (long long)(m * n));
+            CHECK(differ == 0, "weight %lld x %lld, %lld rows alone: %d of %lld values differ from the same "
+                  "rows among 24", (long long)n, (long long)k, (long long)m, differ, (long long)(m * n));
         }
         loom_tensor_free(&part);
         loom_tensor_free(&y);
@@ -489,6 +489,15 @@ static void test_amx_rows_independent(void) {
     loom_tensor_free(&w);
     loom_tensor_free(&b);
     loom_tensor_free(&all);
+}
+
+static void test_amx_rows_independent(void) {
+    if (!loom_amx_bf16_usable()) {
+        printf("note: no AMX-BF16 here, so the row-independence test is skipped\n");
+        return;
+    }
+    check_rows_independent(300, 150);
+    check_rows_independent(4100, 700);
 }
 
 /* Infinities and NaN in x reach the output of the AMX kernel. */

@@ -383,18 +383,69 @@ static int feed_line(lua_State *L, const char *line) {
     return 0;
 }
 
-/* Plain-line REPL for a non-terminal stdin: no prompts, no readline. */
+/* Feed every complete line of buf[0 .. *len) and keep the rest at its start. */
+static void feed_lines(lua_State *L, char *buf, size_t *len) {
+    size_t start = 0;
+    char *nl;
+    while ((nl = memchr(buf + start, '\n', *len - start)) != NULL) {
+        *nl = '\0';
+        feed_line(L, buf + start);
+        fflush(stdout);
+        start = (size_t)(nl - buf) + 1;
+    }
+    memmove(buf, buf + start, *len - start);
+    *len -= start;
+}
+
+/* Plain-line REPL for a non-terminal stdin: no prompts, no readline. Input
+ * is read as it comes, through the same wait as the readline REPL, so
+ * background tasks of loom.async run while the next line is awaited. */
 static void repl_plain(lua_State *L) {
-    char *line = NULL;
-    size_t cap = 0;
-    ssize_t n;
-    while ((n = getline(&line, &cap, stdin)) >= 0) {
-        if (n > 0 && line[n - 1] == '\n')
-            line[--n] = '\0';
-        feed_line(L, line);
+    size_t len = 0, cap = 4096;
+    char *buf = malloc(cap + 1);
+    if (buf == NULL) {
+        fputs("loom: out of memory for the input line\n", stderr);
+        return;
+    }
+    for (;;) {
+        fd_set fds;
+        FD_ZERO(&fds);
+        FD_SET(STDIN_FILENO, &fds);
+        int nfds = STDIN_FILENO + 1;
+        int wait_ms = loom_uv_repl_prepare(L, &fds, &nfds);
+        struct timespec timeout = {wait_ms / 1000, (long)(wait_ms % 1000) * 1000000L};
+        int r = pselect(nfds, &fds, NULL, NULL, wait_ms < 0 ? NULL : &timeout, NULL);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            break; /* treat as end of input */
+        loom_uv_repl_run(L);
+        if (!FD_ISSET(STDIN_FILENO, &fds))
+            continue;
+        if (len == cap) {
+            char *grown = realloc(buf, 2 * cap + 1);
+            if (grown == NULL) {
+                fputs("loom: out of memory for the input line\n", stderr);
+                break;
+            }
+            buf = grown;
+            cap *= 2;
+        }
+        ssize_t n = read(STDIN_FILENO, buf + len, cap - len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        len += (size_t)n;
+        feed_lines(L, buf, &len);
+    }
+    if (len > 0) {
+        /* a last line without a newline */
+        buf[len] = '\0';
+        feed_line(L, buf);
         fflush(stdout);
     }
-    free(line);
+    free(buf);
     if (pending) {
         /* Input ended inside a chunk: show why, as the chunk is incomplete. */
         if (luaL_loadbuffer(L, pending, pending_len, "=stdin") != LUA_OK)

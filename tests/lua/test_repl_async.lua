@@ -1,7 +1,8 @@
 -- Tests of background batches in the REPL. On a terminal (a pseudo-terminal
 -- from util-linux's `script`), a batch started with loom.batch.start makes
 -- progress while the REPL waits for input, and loom.jobs() lists it. With
--- piped input, job:wait() runs the batch to its end.
+-- piped input, the batch also runs between lines, and job:wait() runs it to
+-- its end.
 package.path = arg[0]:gsub("[^/]*$", "") .. "?.lua;" .. package.path
 local check = require("check")
 local json = require("loom.json")
@@ -64,6 +65,23 @@ do
   check.check(contains(out, "done      batch"), "the last listing shows it done: " .. out)
   check.check(contains(out, "40/40 done"), "with its count: " .. out)
   check.equal(count_lines(out_path), 40, "every job has its result line")
+  os.remove(out_path)
+end
+
+-- With piped input too, the batch runs while the REPL waits for the next
+-- line, before any call that waits.
+do
+  local first, second = dir .. "/pipe_first.lua", dir .. "/pipe_second.lua"
+  write_file(first, start_line .. "\n")
+  write_file(second, 'print("DONE=" .. job:progress().done)\n')
+  local feed = dir .. "/pipe_feed.sh"
+  write_file(feed, string.format("cat '%s'; sleep 1.5; cat '%s'\n", first, second))
+  local pipe = assert(io.popen(string.format("sh '%s' | '%s' 2>&1", feed, loom_exe), "r"))
+  local out = pipe:read("a")
+  pipe:close()
+  local done = tonumber(out:match("DONE=(%d+)"))
+  check.check(done ~= nil and done > 0,
+    "jobs finished while the piped REPL waited for input (" .. tostring(done) .. " done): " .. out)
   os.remove(out_path)
 end
 

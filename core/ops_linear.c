@@ -616,12 +616,12 @@ static int linear_compute(float *c, const loom_tensor *x, int64_t rows, const lo
     loom_bf16_kernel kernel = LOOM_BF16_KERNEL_F32;
     if (loom_get_linear_path() == LOOM_PATH_BF16) kernel = loom_linear_bf16_kernel();
     /* On the bf16 path with AMX, up to 16 rows and a bf16 weight take the AMX
-     * kernel that reads the weight in place: 16 rows cost about what one
-     * does, where the AVX-512 few-row kernel's time grows with the rows, and
-     * one row streams the weight as fast as that kernel (4096 x 4096,
-     * measured on the 2-core Sapphire Rapids). It sums exactly as the
+     * kernel that reads the weight in place. There 16 rows cost about what
+     * one does, while the AVX-512 few-row kernel's time grows with the rows.
+     * One row streams the weight as fast as that kernel (LLaVA-7B shapes,
+     * measured on the 2-core Sapphire Rapids). The kernel sums exactly as the
      * many-row AMX kernel, so a row's result does not depend on the rows
-     * beside it, which keeps batched decoding bitwise equal to single runs. */
+     * beside it. That keeps batched decoding bitwise equal to single runs. */
     if (kernel == LOOM_BF16_KERNEL_AMX && rows <= LOOM_AMX_FEW_MAX_ROWS &&
         weight->dtype == LOOM_BF16) {
         const loom_tensor *w = weight;

@@ -425,17 +425,17 @@ int loom_linear_amx(float *c, const loom_blas_mat *xm, const uint16_t *w, int64_
  * For decoding, packing the weight (pack_w_block) would cost as much memory
  * traffic as the product itself. Here the roles turn around: tile rows are
  * 16 weight rows loaded straight from the weight (64 bytes of each row per
- * step), and the second operand holds the k-pairs of up to 16 rows of x, so
+ * step), and the second operand contains the k-pairs of up to 16 rows of x, so
  * the C tile is (weight rows, x rows), transposed on the way out. */
 
-/* Weight rows per unit are one tile's 16: each unit streams 16 rows from
- * start to end, which the hardware prefetchers follow better than four
- * tiles sharing each loaded x tile (about 10% more bandwidth for 4096 x
- * 4096 on the 2-core Sapphire Rapids, and no slower with 16 rows of x).
- * Units go to the threads FEW_CHUNK at a time, dynamically, like the
- * few-row AVX-512 kernel's, so that a busy core does not hold the call up.
- * FEW_PREFETCH steps ahead, software prefetches fetch each row's next line;
- * with it one row of x streams the weight as fast as the AVX-512 kernel. */
+/* A unit is one tile's 16 weight rows, streamed from start to end. The
+ * hardware prefetchers follow that better than four tiles that share each
+ * loaded x tile: about 10% more bandwidth for 4096 x 4096 on the 2-core
+ * Sapphire Rapids, and no slower with 16 rows of x. Units go to the threads
+ * FEW_CHUNK at a time, dynamically, like the few-row AVX-512 kernel's, so
+ * that a busy core does not hold the call up. Software prefetches fetch
+ * each row's line FEW_PREFETCH steps ahead. With them one row of x streams
+ * the weight as fast as the AVX-512 kernel does. */
 #define FEW_CHUNK 8
 #define FEW_PREFETCH 4
 /* Weights up to this size take four-tile units (few_unit4), in runs of
@@ -496,7 +496,7 @@ AMX_TARGET static void few_unit(float *c, int64_t m_len, const uint16_t *xp, int
                                 const uint16_t *w, int64_t ldw, int64_t n_out, int64_t k_len,
                                 const float *bias, int64_t n0, uint16_t *pad, float *out) {
     int64_t rows = n_out - n0 < 16 ? n_out - n0 : 16;
-    /* the starting tile: row i holds 16 copies of the bias of output n0 + i */
+    /* the starting tile: row i contains 16 copies of the bias of output n0 + i */
     for (int i = 0; i < 16; i++)
         _mm512_store_ps(out + i * 16, _mm512_set1_ps(bias && i < rows ? bias[n0 + i] : 0.0f));
     _tile_loadd(0, out, 64);

@@ -183,7 +183,7 @@ function M.run(session, opts)
   end
 
   -- Text is decoded at every step only when stop strings or streaming need
-  -- it, else once at the end; greedy picks without a repetition penalty
+  -- it, else once at the end. Greedy picks without a repetition penalty
   -- take the argmax in C instead of copying the logits into a Lua list.
   local text_each_step = #stops > 0 or opts.stream ~= nil
   local penalty = opts.repetition_penalty

@@ -1,8 +1,7 @@
--- Tests of loom.generate's loop on scripted sessions: greedy picks (the C
--- argmax path and the Lua path give the same ids, ties go to the lowest
--- id), end of generation on EOS, length and stop strings, and the text
--- of each ending, whether it is decoded at every step (stop strings,
--- streaming) or once at the end.
+-- Tests of loom.generate's loop on scripted sessions. Greedy picks are the
+-- same on the C argmax path and the Lua path, and ties go to the lowest id.
+-- Generation ends on EOS, length and stop strings, and each ending gives
+-- the same text whether it is decoded at every step or once at the end.
 package.path = arg[0]:gsub("[^/]*$", "") .. "?.lua;" .. package.path
 local check = require("check")
 local loom = require("loom")

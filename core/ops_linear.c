@@ -618,7 +618,7 @@ static int linear_compute(float *c, const loom_tensor *x, int64_t rows, const lo
     /* On the bf16 path with AMX, up to 16 rows and a bf16 weight take the AMX
      * kernel that reads the weight in place. There 16 rows cost about what
      * one does, while the AVX-512 few-row kernel's time grows with the rows.
-     * One row streams the weight as fast as that kernel (LLaVA-7B shapes,
+     * One row streams the weight about as fast as that kernel (LLaVA-7B shapes,
      * measured on the 2-core Sapphire Rapids). The kernel sums exactly as the
      * many-row AMX kernel, so a row's result does not depend on the rows
      * beside it. That keeps batched decoding bitwise equal to single runs. */

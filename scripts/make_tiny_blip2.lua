@@ -10,6 +10,7 @@ local loom = require("loom")
 local json = require("loom.json")
 local blip2 = require("loom.blip2")
 
+require("loom.cli").positional_only(arg, "loom scripts/make_tiny_blip2.lua [OUT_DIR] [GPT2_MERGES_FILE]")
 local out = arg and arg[1] or "examples/models/tiny-blip2"
 local merges_source = arg and arg[2] or "tests/golden/tokenizers/gpt2_bpe/vocab.bpe"
 
@@ -137,7 +138,7 @@ local function write(path, content)
   fh:close()
 end
 
-os.execute("mkdir -p '" .. out:gsub("'", "'\\''") .. "'")
+os.execute("mkdir -p -- '" .. out:gsub("'", "'\\''") .. "'")
 local function path(name) return out .. "/" .. name end
 
 write(path("config.json"), json.encode(config, "  ") .. "\n")

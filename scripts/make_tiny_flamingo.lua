@@ -13,6 +13,7 @@
 local loom = require("loom")
 local json = require("loom.json")
 
+require("loom.cli").positional_only(arg, "loom scripts/make_tiny_flamingo.lua [OUT_DIR] [GPT2_MERGES_FILE] [SHOTS_FILE]")
 local out = arg and arg[1] or "examples/models/tiny-openflamingo"
 local merges_source = arg and arg[2] or "tests/golden/tokenizers/gpt2_bpe/vocab.bpe"
 local shots_path = arg and arg[3] or "examples/shots/captions.jsonl"
@@ -216,7 +217,7 @@ local function write(path, content)
 end
 
 local function mkdir(path)
-  assert(os.execute("mkdir -p '" .. path:gsub("'", "'\\''") .. "'"))
+  assert(os.execute("mkdir -p -- '" .. path:gsub("'", "'\\''") .. "'"))
 end
 
 mkdir(out)

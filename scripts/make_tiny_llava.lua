@@ -8,6 +8,7 @@
 local loom = require("loom")
 local json = require("loom.json")
 
+require("loom.cli").positional_only(arg, "loom scripts/make_tiny_llava.lua [OUT_DIR] [SENTENCEPIECE_MODEL]")
 local out = arg and arg[1] or "examples/models/tiny-llava"
 local sp_model = arg and arg[2] or "tests/golden/tokenizers/sentencepiece_bpe/sp_bpe.model"
 
@@ -120,7 +121,7 @@ local function copy(src, dst)
   write(dst, bytes)
 end
 
-os.execute("mkdir -p '" .. out:gsub("'", "'\\''") .. "'")
+os.execute("mkdir -p -- '" .. out:gsub("'", "'\\''") .. "'")
 local function path(name) return out .. "/" .. name end
 
 write(path("config.json"), json.encode(config, "  ") .. "\n")

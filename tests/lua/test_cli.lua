@@ -164,5 +164,29 @@ do
   check.equal({out, code}, {"table\ttable\n", 0}, "lua/loom is found from another working directory")
 end
 
+-- The scripts that build the shipped checkpoints take --help and reject
+-- other options instead of treating them as the output directory.
+do
+  local function absolute(path)
+    if path:sub(1, 1) == "/" then return path end
+    return assert(os.getenv("PWD")) .. "/" .. path
+  end
+  local root = absolute(arg[0]:gsub("tests/lua/[^/]*$", ""))
+  local loom_abs = quote(absolute(loom_exe))
+  for _, name in ipairs({ "make_tiny_llava", "make_tiny_blip2", "make_tiny_flamingo" }) do
+    local script = quote(root .. "scripts/" .. name .. ".lua")
+    local out, code = run("cd " .. quote(tmp) .. " && " .. loom_abs .. " " .. script .. " --help")
+    check.equal(code, 0, name .. " --help exits with 0")
+    check.check(out:find("usage: loom scripts/" .. name .. ".lua [OUT_DIR]", 1, true) ~= nil,
+      name .. " --help prints its usage: " .. out)
+    out, code = run("cd " .. quote(tmp) .. " && " .. loom_abs .. " " .. script .. " --out x")
+    check.equal(code, 2, name .. " rejects an unknown option with status 2")
+    check.check(out:find("unknown option '--out'", 1, true) ~= nil, name .. " names the option: " .. out)
+    local made = io.open(tmp .. "/--help", "r") or io.open(tmp .. "/--out", "r")
+    check.check(made == nil, name .. " creates no directory named after an option")
+    if made then made:close() end
+  end
+end
+
 os.execute("rm -rf " .. quote(tmp))
 check.summary()

@@ -87,9 +87,6 @@ local function parse(args)
 end
 
 local opts = parse(arg or {})
-local model = llava.load(opts.model, { vision_tower = opts.vision_tower, projector = opts.projector })
-local text = opts.prompt
-if not text:find(prompt.IMAGE_MARKER, 1, true) then text = prompt.llava_v1(text) end
 
 local stream
 if opts.stream then
@@ -99,9 +96,19 @@ if opts.stream then
   end
 end
 
-local result = model:generate({
-  image = opts.image, prompt = text, max_new_tokens = opts.max_new_tokens,
-  temperature = opts.temperature, top_k = opts.top_k, top_p = opts.top_p, seed = opts.seed,
-  repetition_penalty = opts.repetition_penalty, stop = #opts.stop > 0 and opts.stop or nil, stream = stream,
-})
-if opts.stream then io.write("\n") else print(result.text) end
+local ok, err = pcall(function()
+  local model = llava.load(opts.model, { vision_tower = opts.vision_tower, projector = opts.projector })
+  local text = opts.prompt
+  if not text:find(prompt.IMAGE_MARKER, 1, true) then text = prompt.llava_v1(text) end
+  local result = model:generate({
+    image = opts.image, prompt = text, max_new_tokens = opts.max_new_tokens,
+    temperature = opts.temperature, top_k = opts.top_k, top_p = opts.top_p, seed = opts.seed,
+    repetition_penalty = opts.repetition_penalty, stop = #opts.stop > 0 and opts.stop or nil, stream = stream,
+  })
+  if opts.stream then io.write("\n") else print(result.text) end
+end)
+if not ok then
+  -- the message names the file or value at fault; the Lua source position does not help a user
+  io.stderr:write("llava: ", (tostring(err):gsub("^[^:\n]+%.lua:%d+: ", "")), "\n")
+  os.exit(1)
+end

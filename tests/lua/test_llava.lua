@@ -439,6 +439,16 @@ run("base LLaMA with mm_projector.bin", function()
   check("script with --projector", ok and #by_api.text > 0 and printed == by_api.text .. "\n",
     string.format("%q vs %q", printed, by_api.text))
 
+  -- a runtime error in the script is one line naming the file, with status 1
+  local missing = string.format("'%s' '%sscripts/llava.lua' --model '%s' --projector '%s' --vision-tower '%s' "
+    .. "--image /nonexistent/cat.png --prompt Hi 2>&1", arg[-1], root, base, PROJECTOR_BIN, tower)
+  pipe = assert(io.popen(missing, "r"))
+  printed = pipe:read("a")
+  local _, _, status = pipe:close()
+  check("script error status", status == 1, tostring(status))
+  check("script error names the image", printed:find("llava: /nonexistent/cat.png", 1, true) ~= nil, printed)
+  check("script error has no traceback", printed:find("stack traceback", 1, true) == nil, printed)
+
   -- a config.json beside the projector file gives the LLaVA settings
   local beside = temp_dir()
   copy_file(PROJECTOR_BIN, beside .. "/mm_projector.bin")

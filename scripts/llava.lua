@@ -34,6 +34,7 @@ a base LLaMA directory with --projector.
                             sequence by R (default 1: off)
   --stop TEXT               stop when the text contains TEXT (repeatable)
   --stream                  print the text while it is generated
+  --quiet                   do not log the model's configuration to stderr
   -h, --help                show this help
 ]]
 
@@ -63,6 +64,8 @@ local function parse(args)
       os.exit(0)
     elseif a == "--stream" then
       opts.stream, i = true, i + 1
+    elseif a == "--quiet" then
+      opts.quiet, i = true, i + 1
     elseif VALUE_OPTIONS[a] then
       if value == nil then fail("option " .. a .. " needs a value") end
       if a == "--stop" then opts.stop[#opts.stop + 1] = value else opts[VALUE_OPTIONS[a]] = value end
@@ -87,6 +90,7 @@ local function parse(args)
 end
 
 local opts = parse(arg or {})
+if opts.quiet then require("loom.log").set_level("warning") end
 
 local stream
 if opts.stream then

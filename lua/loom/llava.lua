@@ -12,6 +12,8 @@ local projector = require("loom.connectors.projector")
 local original = require("loom.llava_original")
 local prompt = require("loom.prompt")
 local generate = require("loom.generate")
+local tokenizers = require("loom.tokenizers")
+local log = require("loom.log")
 
 local M = {}
 
@@ -48,54 +50,10 @@ local function path_join(dir, name)
   return (dir:gsub("/+$", "")) .. "/" .. name
 end
 
-local function file_exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() return true end
-  return false
-end
-
 local function read_config(path, what)
   local cfg, err = json.read(path)
   if cfg == nil then error(string.format("cannot read the %s: %s", what, err), 3) end
   return cfg
-end
-
--- ---------------------------------------------------------------------------
--- Tokenizer files
-
--- Load the tokenizer of a checkpoint directory: tokenizer.json, or
--- tokenizer.model plus the ids of added_tokens.json. Returns nil, message
--- when neither file exists.
-local function load_tokenizer(dir)
-  local tk = loom.tokenizer
-  if tk == nil then error("this build of loom has no tokenizer binding (loom.tokenizer)", 3) end
-  local json_path, model_path = path_join(dir, "tokenizer.json"), path_join(dir, "tokenizer.model")
-  local path = file_exists(json_path) and json_path or file_exists(model_path) and model_path or nil
-  if path == nil then
-    return nil, string.format("no tokenizer in '%s': expected tokenizer.json or tokenizer.model", dir)
-  end
-  local tok, err = tk.load(path)
-  if tok == nil then error(err, 3) end
-
-  -- added tokens in id order, each of which must get the id the file names
-  local added = json.read(path_join(dir, "added_tokens.json"))
-  if added then
-    local list = {}
-    for text, id in pairs(added) do list[#list + 1] = { text, id } end
-    table.sort(list, function(a, b) return a[2] < b[2] end)
-    for _, entry in ipairs(list) do
-      local id = tok:add_token(entry[1], true)
-      if id ~= entry[2] then
-        error(string.format("%s: token '%s' has id %d but the tokenizer gives it id %d",
-          path_join(dir, "added_tokens.json"), entry[1], entry[2], id), 3)
-      end
-    end
-  end
-
-  local settings = {}
-  local tcfg = json.read(path_join(dir, "tokenizer_config.json"))
-  if tcfg and type(tcfg.legacy) == "boolean" then settings.legacy = tcfg.legacy end
-  return tok, nil, settings
 end
 
 -- ---------------------------------------------------------------------------
@@ -227,8 +185,8 @@ function M.load(dir, opts)
     if cfg.image_aspect_ratio == "pad" then self.preprocessor.pad_to_square = true end
   end
   if opts.tokenizer ~= false then
-    local tok, err, settings = load_tokenizer(parts.tokenizer_dir)
-    if tok == nil then error(err, 2) end
+    local tok, settings = tokenizers.load(parts.tokenizer_dir)
+    if tok == nil then error(settings, 2) end
     for _, text in ipairs(parts.added_tokens) do tok:add_token(text, true) end
     check_vocab(tok, parts, self.lm)
     self.tokenizer, self.tokenizer_settings = tok, settings
@@ -237,6 +195,16 @@ function M.load(dir, opts)
       self.im_end_id = tok:token_to_id(original.IM_END_TOKEN)
     end
   end
+  local tower, lm_cfg = self.vision.cfg, self.lm.cfg
+  log.model(string.format("loaded LLaVA from '%s'", dir), {
+    { "vision", string.format("CLIP ViT, %d layers, width %d, %d px, patch %d", tower.num_hidden_layers,
+      tower.hidden_size, tower.image_size, tower.patch_size) },
+    { "projector", self.projector.kind },
+    { "language_model", string.format("LLaMA, %d layers, width %d, context %d", #self.lm.layers,
+      lm_cfg.hidden_size, self.context) },
+    { "image_tokens", self.tokens_per_image },
+    { "image_token_id", self.image_token_id },
+  }, { { "vision", self.vision }, { "projector", self.projector }, { "lm", self.lm } })
   return self
 end
 

@@ -431,7 +431,7 @@ run("base LLaMA with mm_projector.bin", function()
 
   -- scripts/llava.lua passes --projector and --vision-tower to load
   local script = string.format("'%s' '%sscripts/llava.lua' --model '%s' --projector '%s' --vision-tower '%s' "
-    .. "--image '%s' --prompt Hi --max-new-tokens 4 2>&1", arg[-1], root, base, PROJECTOR_BIN, tower, IMAGE)
+    .. "--image '%s' --prompt Hi --max-new-tokens 4 --quiet 2>&1", arg[-1], root, base, PROJECTOR_BIN, tower, IMAGE)
   local pipe = assert(io.popen(script, "r"))
   local printed = pipe:read("a")
   local ok = pipe:close()

@@ -142,9 +142,17 @@ typedef struct loom_kv_cache {
     int64_t length;
     int64_t capacity;
 } loom_kv_cache;
+/* An f32 cache; the same as loom_kv_cache_init_dtype(..., LOOM_F32). */
 int loom_kv_cache_init(loom_kv_cache *c, int64_t batch, int64_t n_kv_heads, int64_t capacity,
                        int64_t head_dim, int64_t value_dim);
-/* Append k_new, v_new (B, Hkv, T, D) and set *k_all, *v_all (empty on entry)
+/* A cache whose keys and values are stored as dtype, LOOM_F32 or LOOM_BF16.
+ * A bf16 cache takes half the memory. loom_attention reads it without a copy
+ * when a head has fewer than 4 queries (decoding). With more queries it
+ * widens k and v into f32 copies first. */
+int loom_kv_cache_init_dtype(loom_kv_cache *c, int64_t batch, int64_t n_kv_heads, int64_t capacity,
+                             int64_t head_dim, int64_t value_dim, loom_dtype dtype);
+/* Append k_new, v_new (B, Hkv, T, D), converted to the cache's dtype (to
+ * bf16 by rounding to nearest even), and set *k_all, *v_all (empty on entry)
  * to views of the filled part (B, Hkv, length, D). Fails when full. */
 int loom_kv_cache_append(loom_kv_cache *c, const loom_tensor *k_new, const loom_tensor *v_new,
                          loom_tensor *k_all, loom_tensor *v_all);

@@ -1,6 +1,6 @@
 /* Scaled dot-product attention (grouped-query heads, causal, masks, KV-cache
- * views), the KV cache, rotary position embeddings and MPT's ALiBi bias.
- * Scores follow PyTorch's eager attention in f32:
+ * views), the KV cache (f32 or bf16), rotary position embeddings and MPT's
+ * ALiBi bias. Scores follow PyTorch's eager attention in f32:
  * softmax(q @ k^T * scale + mask) @ v, with the row maximum subtracted. */
 #include <immintrin.h>
 #include <math.h>
@@ -180,14 +180,17 @@ static void softmax_row(float *s, const attn_params *ap, int64_t b, int64_t h, i
 
 /* ---- the two ways of computing one (batch, head) */
 
-/* An f32 operand (B, H, N, C) by element strides. */
+/* An operand (B, H, N, C) by element strides: f32, or bf16 for keys and
+ * values on the loop route, which widens them in registers. */
 typedef struct attn_operand {
-    const float *p;
+    const void *p;
+    loom_dtype dtype;
     int64_t s[4];
 } attn_operand;
 
-static const float *operand_at(const attn_operand *o, int64_t b, int64_t h) {
-    return o->p + b * o->s[0] + h * o->s[1];
+static const void *operand_at(const attn_operand *o, int64_t b, int64_t h) {
+    int64_t esize = (int64_t)loom_dtype_size(o->dtype);
+    return (const char *)o->p + (b * o->s[0] + h * o->s[1]) * esize;
 }
 
 /* With sgemm: scores for ATTN_QBLOCK queries at a time, then P @ V. */
@@ -308,28 +311,173 @@ static void weighted_sum_strided(float *o, const float *p, const float *v, int64
     }
 }
 
+/* ---- the same kernels over bf16 keys and values (a bf16 KV cache)
+ *
+ * Each widens 16 bf16 values to f32 in registers, since a bf16 is the top
+ * half of an f32. It then runs the f32 kernel's operations in the same
+ * order, so its result equals the f32 kernel's over the widened values bit
+ * for bit. */
+
+#define AVX512_BF16_LOADS "avx512f,avx512bw,avx512vl"
+
+__attribute__((target(AVX512_BF16_LOADS))) static inline __m512 load16_bf16(const uint16_t *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+/* As load16_bf16 for the lanes set in m. The other lanes read nothing and are 0. */
+__attribute__((target(AVX512_BF16_LOADS))) static inline __m512 maskz_load16_bf16(__mmask16 m,
+                                                                                 const uint16_t *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+/* scores_avx512 with bf16 keys. */
+__attribute__((target(AVX512_BF16_LOADS))) static void scores_bf16_avx512(float *s, const float *q,
+                                                                         const uint16_t *k,
+                                                                         int64_t ldk, int64_t nk,
+                                                                         int64_t d, float scale) {
+    __mmask16 tail = (__mmask16)((1u << (d % 16)) - 1);
+    int64_t dfull = d - d % 16;
+    int64_t j = 0;
+    for (; j + 4 <= nk; j += 4) {
+        const uint16_t *k0 = k + j * ldk;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t c = 0; c < dfull; c += 16) {
+            __m512 qv = _mm512_loadu_ps(q + c);
+            a0 = _mm512_fmadd_ps(qv, load16_bf16(k0 + c), a0);
+            a1 = _mm512_fmadd_ps(qv, load16_bf16(k0 + ldk + c), a1);
+            a2 = _mm512_fmadd_ps(qv, load16_bf16(k0 + 2 * ldk + c), a2);
+            a3 = _mm512_fmadd_ps(qv, load16_bf16(k0 + 3 * ldk + c), a3);
+        }
+        if (tail) {
+            __m512 qv = _mm512_maskz_loadu_ps(tail, q + dfull);
+            a0 = _mm512_fmadd_ps(qv, maskz_load16_bf16(tail, k0 + dfull), a0);
+            a1 = _mm512_fmadd_ps(qv, maskz_load16_bf16(tail, k0 + ldk + dfull), a1);
+            a2 = _mm512_fmadd_ps(qv, maskz_load16_bf16(tail, k0 + 2 * ldk + dfull), a2);
+            a3 = _mm512_fmadd_ps(qv, maskz_load16_bf16(tail, k0 + 3 * ldk + dfull), a3);
+        }
+        s[j] = _mm512_reduce_add_ps(a0) * scale;
+        s[j + 1] = _mm512_reduce_add_ps(a1) * scale;
+        s[j + 2] = _mm512_reduce_add_ps(a2) * scale;
+        s[j + 3] = _mm512_reduce_add_ps(a3) * scale;
+    }
+    for (; j < nk; j++) {
+        const uint16_t *kj = k + j * ldk;
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t c = 0; c < dfull; c += 16)
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), load16_bf16(kj + c), a);
+        if (tail)
+            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q + dfull),
+                                maskz_load16_bf16(tail, kj + dfull), a);
+        s[j] = _mm512_reduce_add_ps(a) * scale;
+    }
+}
+
+/* weighted_sum_avx512 with bf16 values. */
+__attribute__((target(AVX512_BF16_LOADS))) static void weighted_sum_bf16_avx512(float *o,
+                                                                               const float *p,
+                                                                               const uint16_t *v,
+                                                                               int64_t ldv,
+                                                                               int64_t nk,
+                                                                               int64_t dv) {
+    for (int64_t c0 = 0; c0 < dv; c0 += 64) {
+        __mmask16 m[4];
+        for (int i = 0; i < 4; i++) {
+            int64_t left = dv - c0 - 16 * i;
+            m[i] = 0;
+            if (left >= 16)
+                m[i] = 0xFFFF;
+            else if (left > 0)
+                m[i] = (__mmask16)((1u << left) - 1);
+        }
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t j = 0; j < nk; j++) {
+            if (p[j] == 0.0f) continue;
+            __m512 pj = _mm512_set1_ps(p[j]);
+            const uint16_t *vj = v + j * ldv + c0;
+            a0 = _mm512_fmadd_ps(pj, maskz_load16_bf16(m[0], vj), a0);
+            a1 = _mm512_fmadd_ps(pj, maskz_load16_bf16(m[1], vj + 16), a1);
+            a2 = _mm512_fmadd_ps(pj, maskz_load16_bf16(m[2], vj + 32), a2);
+            a3 = _mm512_fmadd_ps(pj, maskz_load16_bf16(m[3], vj + 48), a3);
+        }
+        _mm512_mask_storeu_ps(o + c0, m[0], a0);
+        _mm512_mask_storeu_ps(o + c0 + 16, m[1], a1);
+        _mm512_mask_storeu_ps(o + c0 + 32, m[2], a2);
+        _mm512_mask_storeu_ps(o + c0 + 48, m[3], a3);
+    }
+}
+
+static void scores_bf16_strided(float *s, const float *q, int64_t qs, const uint16_t *k,
+                                int64_t ldk, int64_t ks, int64_t nk, int64_t d, float scale) {
+    for (int64_t j = 0; j < nk; j++) {
+        const uint16_t *kj = k + j * ldk;
+        float dot = 0;
+        for (int64_t c = 0; c < d; c++) dot += q[c * qs] * loom_bf16_bits_to_f32(kj[c * ks]);
+        s[j] = dot * scale;
+    }
+}
+
+static void weighted_sum_bf16_strided(float *o, const float *p, const uint16_t *v, int64_t ldv,
+                                      int64_t vs, int64_t nk, int64_t dv) {
+    memset(o, 0, (size_t)dv * sizeof(float));
+    for (int64_t j = 0; j < nk; j++) {
+        if (p[j] == 0.0f) continue;
+        const uint16_t *vj = v + j * ldv;
+        for (int64_t c = 0; c < dv; c++) o[c] += p[j] * loom_bf16_bits_to_f32(vj[c * vs]);
+    }
+}
+
+static bool cpu_has_avx512_bf16_loads(void) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+}
+
+/* Scores of one query row against nk keys of k (f32 or bf16).
+ * NOTE: on a CPU with AVX-512F but without BW or VL, bf16 keys take the
+ * portable loop while f32 keys take the vector kernel, so the two sum in a
+ * different order and agree only to f32 rounding. */
+static void attend_scores(float *s, const float *qi, int64_t qs, const attn_operand *k,
+                          const void *kp, const attn_params *ap) {
+    if (k->dtype == LOOM_BF16) {
+        if (qs == 1 && k->s[3] == 1 && cpu_has_avx512_bf16_loads())
+            scores_bf16_avx512(s, qi, kp, k->s[2], ap->nk, ap->d, ap->scale);
+        else
+            scores_bf16_strided(s, qi, qs, kp, k->s[2], k->s[3], ap->nk, ap->d, ap->scale);
+    } else if (qs == 1 && k->s[3] == 1 && cpu_has_avx512f()) {
+        scores_avx512(s, qi, kp, k->s[2], ap->nk, ap->d, ap->scale);
+    } else {
+        scores_strided(s, qi, qs, kp, k->s[2], k->s[3], ap->nk, ap->d, ap->scale);
+    }
+}
+
+/* o = p @ v for one row of probabilities over nk values of v (f32 or bf16). */
+static void attend_values(float *o, const float *p, const attn_operand *v, const void *vp,
+                          const attn_params *ap) {
+    if (v->dtype == LOOM_BF16) {
+        if (v->s[3] == 1 && cpu_has_avx512_bf16_loads())
+            weighted_sum_bf16_avx512(o, p, vp, v->s[2], ap->nk, ap->dv);
+        else
+            weighted_sum_bf16_strided(o, p, vp, v->s[2], v->s[3], ap->nk, ap->dv);
+    } else if (v->s[3] == 1 && cpu_has_avx512f()) {
+        weighted_sum_avx512(o, p, vp, v->s[2], ap->nk, ap->dv);
+    } else {
+        weighted_sum_strided(o, p, vp, v->s[2], v->s[3], ap->nk, ap->dv);
+    }
+}
+
 /* With loops, for few queries (decoding): dot products, softmax, then a
  * weighted sum of value rows. `scores` has room for K floats. */
 static void attend_loops(float *out, const attn_params *ap, const attn_operand *q,
                          const attn_operand *k, const attn_operand *v, int64_t b, int64_t h,
                          float *scores) {
     int64_t kvh = h / (ap->hq / ap->hkv);
-    const float *qp = operand_at(q, b, h), *kp = operand_at(k, b, kvh), *vp = operand_at(v, b, kvh);
-    bool vector = cpu_has_avx512f();
+    const float *qp = operand_at(q, b, h);
+    const void *kp = operand_at(k, b, kvh), *vp = operand_at(v, b, kvh);
     for (int64_t i = 0; i < ap->nq; i++) {
-        const float *qi = qp + i * q->s[2];
-        if (vector && q->s[3] == 1 && k->s[3] == 1)
-            scores_avx512(scores, qi, kp, k->s[2], ap->nk, ap->d, ap->scale);
-        else
-            scores_strided(scores, qi, q->s[3], kp, k->s[2], k->s[3], ap->nk, ap->d, ap->scale);
-
+        attend_scores(scores, qp + i * q->s[2], q->s[3], k, kp, ap);
         softmax_row(scores, ap, b, h, i);
-
-        float *o = out + i * ap->dv;
-        if (vector && v->s[3] == 1)
-            weighted_sum_avx512(o, scores, vp, v->s[2], ap->nk, ap->dv);
-        else
-            weighted_sum_strided(o, scores, vp, v->s[2], v->s[3], ap->nk, ap->dv);
+        attend_values(out + i * ap->dv, scores, v, vp, ap);
     }
 }
 
@@ -362,11 +510,13 @@ static int check_attention(const loom_tensor *q, const loom_tensor *k, const loo
     return LOOM_OK;
 }
 
-/* Set *o to t's f32 data and strides, converting into *copy when t is not
- * f32 or, for the sgemm route, when its last two strides do not suit BLAS. */
+/* Set *o to t's data and strides. t is converted into an f32 *copy when it
+ * is neither f32 nor a bf16 operand that the loop route may read in place
+ * (keep_bf16). On the sgemm route it is also converted when its last two
+ * strides do not suit BLAS. */
 static int attn_operand_init(attn_operand *o, loom_tensor *copy, const loom_tensor *t, bool gemm,
-                             bool transposed) {
-    bool ok = t->dtype == LOOM_F32;
+                             bool transposed, bool keep_bf16) {
+    bool ok = t->dtype == LOOM_F32 || (keep_bf16 && !gemm && t->dtype == LOOM_BF16);
     if (ok && gemm) {
         loom_blas_mat probe;
         int64_t rows = t->shape[2], cols = t->shape[3], rs = t->strides[2], cs = t->strides[3];
@@ -378,6 +528,7 @@ static int attn_operand_init(attn_operand *o, loom_tensor *copy, const loom_tens
         t = copy;
     }
     o->p = loom_tensor_data(t);
+    o->dtype = t->dtype;
     for (int d = 0; d < 4; d++) o->s[d] = t->strides[d];
     return LOOM_OK;
 }
@@ -388,8 +539,9 @@ static int attention_compute(float *out, const attn_params *ap, const loom_tenso
     loom_tensor qc = LOOM_TENSOR_EMPTY, kc = LOOM_TENSOR_EMPTY, vc = LOOM_TENSOR_EMPTY;
     attn_operand qo, ko, vo;
     int rc = LOOM_OK;
-    if (attn_operand_init(&qo, &qc, q, gemm, false) || attn_operand_init(&ko, &kc, k, gemm, true) ||
-        attn_operand_init(&vo, &vc, v, gemm, false))
+    if (attn_operand_init(&qo, &qc, q, gemm, false, false) ||
+        attn_operand_init(&ko, &kc, k, gemm, true, true) ||
+        attn_operand_init(&vo, &vc, v, gemm, false, true))
         rc = LOOM_ERR;
 
     int64_t pairs = ap->batch * ap->hq;
@@ -470,6 +622,13 @@ int loom_attention(loom_tensor *out, const loom_tensor *q, const loom_tensor *k,
 
 int loom_kv_cache_init(loom_kv_cache *c, int64_t batch, int64_t n_kv_heads, int64_t capacity,
                        int64_t head_dim, int64_t value_dim) {
+    return loom_kv_cache_init_dtype(c, batch, n_kv_heads, capacity, head_dim, value_dim, LOOM_F32);
+}
+
+int loom_kv_cache_init_dtype(loom_kv_cache *c, int64_t batch, int64_t n_kv_heads, int64_t capacity,
+                             int64_t head_dim, int64_t value_dim, loom_dtype dtype) {
+    if (dtype != LOOM_F32 && dtype != LOOM_BF16)
+        return loom_error("kv_cache_init: dtype must be f32 or bf16, got %s", loom_dtype_name(dtype));
     if (batch < 1 || n_kv_heads < 1 || capacity < 1 || head_dim < 1 || value_dim < 1)
         return loom_error("kv_cache_init: sizes must be positive, got batch %lld, heads %lld, "
                           "capacity %lld, head_dim %lld, value_dim %lld",
@@ -478,12 +637,53 @@ int loom_kv_cache_init(loom_kv_cache *c, int64_t batch, int64_t n_kv_heads, int6
     loom_kv_cache fresh = {.k = LOOM_TENSOR_EMPTY, .v = LOOM_TENSOR_EMPTY, .capacity = capacity};
     int64_t ks[4] = {batch, n_kv_heads, capacity, head_dim};
     int64_t vs[4] = {batch, n_kv_heads, capacity, value_dim};
-    if (loom_tensor_zeros(&fresh.k, LOOM_F32, 4, ks) || loom_tensor_zeros(&fresh.v, LOOM_F32, 4, vs)) {
+    if (loom_tensor_zeros(&fresh.k, dtype, 4, ks) || loom_tensor_zeros(&fresh.v, dtype, 4, vs)) {
         loom_tensor_free(&fresh.k);
         return loom_error_prefix("kv_cache_init");
     }
     *c = fresh;
     return LOOM_OK;
+}
+
+/* f32 to bf16 with rounding to nearest even, the same bits as loom_f32_to_bf16. */
+static inline uint16_t round_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Copy f32 src (B, H, T, C), any strides, into the bf16 cache view dst of
+ * the same shape. loom_tensor_copy_into gives the same bits but converts
+ * element by element through double, which made one-position appends to a
+ * bf16 cache more than twice as slow as to an f32 one. */
+static void copy_f32_to_bf16_rows(loom_tensor *dst, const loom_tensor *src) {
+    const float *sp = loom_tensor_data(src);
+    uint16_t *dp = loom_tensor_data(dst);
+    int64_t n = src->shape[3], ss = src->strides[3], ds = dst->strides[3];
+    for (int64_t b = 0; b < src->shape[0]; b++) {
+        for (int64_t h = 0; h < src->shape[1]; h++) {
+            for (int64_t t = 0; t < src->shape[2]; t++) {
+                const float *srow = sp + b * src->strides[0] + h * src->strides[1] + t * src->strides[2];
+                uint16_t *drow = dp + b * dst->strides[0] + h * dst->strides[1] + t * dst->strides[2];
+                if (ss == 1 && ds == 1) {
+                    for (int64_t i = 0; i < n; i++) drow[i] = round_to_bf16(srow[i]);
+                } else {
+                    for (int64_t i = 0; i < n; i++) drow[i * ds] = round_to_bf16(srow[i * ss]);
+                }
+            }
+        }
+    }
+}
+
+/* Copy src into the cache view dst, converting to the cache's dtype. */
+static int copy_into_cache(loom_tensor *dst, const loom_tensor *src) {
+    if (dst->dtype == LOOM_BF16 && src->dtype == LOOM_F32) {
+        copy_f32_to_bf16_rows(dst, src);
+        return LOOM_OK;
+    }
+    return loom_tensor_copy_into(dst, src);
 }
 
 int loom_kv_cache_append(loom_kv_cache *c, const loom_tensor *k_new, const loom_tensor *v_new,
@@ -520,8 +720,8 @@ int loom_kv_cache_append(loom_kv_cache *c, const loom_tensor *k_new, const loom_
     loom_tensor kdst = LOOM_TENSOR_EMPTY, vdst = LOOM_TENSOR_EMPTY;
     int rc = loom_tensor_narrow(&kdst, ck, 2, c->length, t);
     if (rc == LOOM_OK) rc = loom_tensor_narrow(&vdst, cv, 2, c->length, t);
-    if (rc == LOOM_OK) rc = loom_tensor_copy_into(&kdst, k_new);
-    if (rc == LOOM_OK) rc = loom_tensor_copy_into(&vdst, v_new);
+    if (rc == LOOM_OK) rc = copy_into_cache(&kdst, k_new);
+    if (rc == LOOM_OK) rc = copy_into_cache(&vdst, v_new);
     loom_tensor_free(&kdst);
     loom_tensor_free(&vdst);
     if (rc != LOOM_OK) return loom_error_prefix("kv_cache_append");

@@ -606,19 +606,45 @@ static kv_box *check_kv(lua_State *L, int idx) {
     return box;
 }
 
-/* loom.kv_cache(batch, n_kv_heads, capacity, head_dim, value_dim?). */
+/* The dtype of opts.dtype (argument `arg`): "f32" (the default) or "bf16". */
+static loom_dtype kv_dtype_option(lua_State *L, int opts, int arg) {
+    loom_dtype dtype = LOOM_F32;
+    if (opts && lua_getfield(L, opts, "dtype") != LUA_TNIL) {
+        const char *s = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+        if (s && strcmp(s, "bf16") == 0)
+            dtype = LOOM_BF16;
+        else if (!s || strcmp(s, "f32") != 0)
+            luaL_argerror(L, arg, lua_pushfstring(L, "field 'dtype' must be \"f32\" or \"bf16\", got %s",
+                                                  s ? lua_pushfstring(L, "\"%s\"", s) : luaL_typename(L, -1)));
+    }
+    if (opts)
+        lua_pop(L, 1);
+    return dtype;
+}
+
+/* loom.kv_cache(batch, n_kv_heads, capacity, head_dim, value_dim?, opts?).
+ * opts may also take value_dim's place, and opts.dtype is "f32" or "bf16". */
 static int l_ops_kv_cache(lua_State *L) {
+    lua_settop(L, 6);
     lua_Integer dims[5];
     for (int i = 0; i < 4; i++) {
         dims[i] = luaL_checkinteger(L, i + 1);
         luaL_argcheck(L, dims[i] > 0, i + 1, "size must be positive");
     }
-    dims[4] = luaL_optinteger(L, 5, dims[3]);
-    luaL_argcheck(L, dims[4] > 0, 5, "size must be positive");
+    int opts_arg = 6;
+    if (lua_istable(L, 5)) {
+        luaL_argcheck(L, lua_isnil(L, 6), 6, "no argument expected after the options table");
+        opts_arg = 5;
+        dims[4] = dims[3];
+    } else {
+        dims[4] = luaL_optinteger(L, 5, dims[3]);
+        luaL_argcheck(L, dims[4] > 0, 5, "size must be positive");
+    }
+    loom_dtype dtype = kv_dtype_option(L, opt_table(L, opts_arg), opts_arg);
     kv_box *box = lua_newuserdatauv(L, sizeof *box, 0);
     memset(box, 0, sizeof *box);
     luaL_setmetatable(L, LOOM_KVCACHE_MT);
-    if (loom_kv_cache_init(&box->cache, dims[0], dims[1], dims[2], dims[3], dims[4]) != LOOM_OK)
+    if (loom_kv_cache_init_dtype(&box->cache, dims[0], dims[1], dims[2], dims[3], dims[4], dtype) != LOOM_OK)
         loom_core_error(L, "kv_cache");
     box->live = true;
     loom_gc_pace(L);
@@ -675,6 +701,11 @@ static int l_kv_capacity(lua_State *L) {
     return 1;
 }
 
+static int l_kv_dtype(lua_State *L) {
+    lua_pushstring(L, loom_dtype_name(check_kv(L, 1)->cache.k.dtype));
+    return 1;
+}
+
 static int l_kv_reset(lua_State *L) {
     check_kv(L, 1)->cache.length = 0;
     return 0;
@@ -693,7 +724,8 @@ static int l_kv___tostring(lua_State *L) {
 
 static const luaL_Reg kv_methods[] = {
     {"append", l_kv_append}, {"length", l_kv_length}, {"capacity", l_kv_capacity},
-    {"reset", l_kv_reset},   {"free", l_kv_free},     {NULL, NULL},
+    {"dtype", l_kv_dtype},   {"reset", l_kv_reset},   {"free", l_kv_free},
+    {NULL, NULL},
 };
 
 static const luaL_Reg kv_meta[] = {

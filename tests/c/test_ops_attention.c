@@ -1,7 +1,9 @@
 /* Tests of loom_attention, the KV cache, loom_rope and loom_alibi against
  * double-precision loops written here: grouped-query heads, causal
  * attention with an offset (one query against a cache), additive and u8
- * masks, fully masked rows, strided views, and the error messages. */
+ * masks, fully masked rows, strided views, a bf16 KV cache (rounding on
+ * append, attention equal to attention over the widened values), and the
+ * error messages. */
 #include <float.h>
 #include <omp.h>
 #include <stdint.h>
@@ -443,6 +445,298 @@ static void test_kv_cache_decode(void) {
     CHECK(cache.k.storage == NULL && cache.length == 0, "free should reset the cache");
 }
 
+/* The bf16 nearest to f (ties to the even significand), found by comparing
+ * the two candidates around f in double rather than by adding a rounding
+ * bias to the bits. f must be finite and round to a finite bf16. */
+static float nearest_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t low = u & 0xffff0000u, high = low + 0x10000u; /* high is one bf16 step further from 0 */
+    float fl, fh;
+    memcpy(&fl, &low, 4);
+    memcpy(&fh, &high, 4);
+    double dl = fabs((double)f - fl), dh = fabs((double)fh - f);
+    if (dl < dh) return fl;
+    if (dh < dl) return fh;
+    return (low >> 16) % 2 == 0 ? fl : fh;
+}
+
+static void test_kv_cache_bf16_append(void) {
+    loom_kv_cache cache;
+    CHECK_OK(loom_kv_cache_init_dtype(&cache, 1, 2, 8, 3, 2, LOOM_BF16));
+    CHECK(cache.k.dtype == LOOM_BF16, "cache keys %s", loom_shape_str(&cache.k).s);
+    CHECK(cache.v.dtype == LOOM_BF16, "cache values %s", loom_shape_str(&cache.v).s);
+
+    /* Halfway cases of both parities, either side of them, negatives, zero
+     * and random values. 1 + 2^-8 lies halfway between 1 and 1 + 2^-7, so it
+     * rounds to 1 (even significand). 1 + 3 * 2^-8 rounds up to 1 + 2^-6. */
+    float keys[12] = {1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, 1.0f + 0x1p-8f + 0x1p-20f,
+                      1.0f + 0x1p-8f - 0x1p-20f, -(1.0f + 3 * 0x1p-8f), 0.0f, -0.0f,
+                      3.14159265f, 1e-30f, -65504.0f, 0.1f, 1e30f};
+    int64_t ks[4] = {1, 2, 2, 3}, vs[4] = {1, 2, 2, 2};
+    loom_tensor k = LOOM_TENSOR_EMPTY, v = random_tensor(LOOM_F32, 4, vs);
+    CHECK_OK(loom_tensor_init(&k, LOOM_F32, 4, ks));
+    memcpy(loom_tensor_data(&k), keys, sizeof keys);
+    loom_tensor kall = LOOM_TENSOR_EMPTY, vall = LOOM_TENSOR_EMPTY;
+    CHECK_OK(loom_kv_cache_append(&cache, &k, &v, &kall, &vall));
+    CHECK(kall.dtype == LOOM_BF16, "keys view %s", loom_shape_str(&kall).s);
+    CHECK(vall.dtype == LOOM_BF16, "values view %s", loom_shape_str(&vall).s);
+    int bad = 0;
+    for (int64_t i = 0; i < 12; i++) {
+        double got = loom_tensor_get_flat(&kall, i), want = nearest_bf16(keys[i]);
+        if (got != want || signbit(got) != signbit(want)) {
+            bad++;
+            fprintf(stderr, "  key %lld: %.9g stored as %.9g, expected %.9g\n", (long long)i,
+                    (double)keys[i], got, want);
+        }
+    }
+    CHECK(bad == 0, "%d keys not rounded to the nearest bf16", bad);
+    CHECK(loom_tensor_get_flat(&kall, 0) == 1.0, "1 + 2^-8 stored as %.9g", loom_tensor_get_flat(&kall, 0));
+    CHECK(loom_tensor_get_flat(&kall, 1) == 1.0 + 0x1p-6, "1 + 3 * 2^-8 stored as %.9g",
+          loom_tensor_get_flat(&kall, 1));
+    bad = 0;
+    for (int64_t i = 0; i < 8; i++) {
+        float x = (float)loom_tensor_get_flat(&v, i);
+        if (loom_tensor_get_flat(&vall, i) != nearest_bf16(x)) bad++;
+    }
+    CHECK(bad == 0, "%d values not rounded to the nearest bf16", bad);
+    loom_tensor_free(&kall);
+    loom_tensor_free(&vall);
+
+    /* f16 and bf16 inputs are accepted as well */
+    int64_t k1s[4] = {1, 2, 1, 3}, v1s[4] = {1, 2, 1, 2};
+    loom_tensor k16 = random_tensor(LOOM_F16, 4, k1s), v16 = random_tensor(LOOM_BF16, 4, v1s);
+    CHECK_OK(loom_kv_cache_append(&cache, &k16, &v16, &kall, &vall));
+    CHECK(cache.length == 3, "length after two appends %lld", (long long)cache.length);
+    bad = 0;
+    for (int64_t h = 0; h < 2; h++) {
+        for (int64_t c = 0; c < 3; c++) {
+            int64_t src[4] = {0, h, 0, c}, dst[4] = {0, h, 2, c};
+            float x = (float)loom_tensor_get(&k16, src);
+            if (loom_tensor_get(&kall, dst) != nearest_bf16(x)) bad++;
+        }
+        for (int64_t c = 0; c < 2; c++) {
+            int64_t src[4] = {0, h, 0, c}, dst[4] = {0, h, 2, c};
+            if (loom_tensor_get(&vall, dst) != loom_tensor_get(&v16, src)) bad++;
+        }
+    }
+    CHECK(bad == 0, "%d f16/bf16 inputs stored wrongly", bad);
+    loom_tensor_free(&kall);
+    loom_tensor_free(&vall);
+
+    /* transposed f32 inputs (inner stride 2), infinities and NaN */
+    int64_t kts[4] = {1, 2, 3, 2}, vts[4] = {1, 2, 2, 2};
+    loom_tensor kt = random_tensor(LOOM_F32, 4, kts), vt = random_tensor(LOOM_F32, 4, vts);
+    loom_tensor kst = LOOM_TENSOR_EMPTY, vst = LOOM_TENSOR_EMPTY;
+    CHECK_OK(loom_tensor_transpose(&kst, &kt, 2, 3)); /* (1, 2, 3, 2) -> (1, 2, 2, 3) */
+    CHECK_OK(loom_tensor_transpose(&vst, &vt, 2, 3)); /* (1, 2, 2, 2) -> (1, 2, 2, 2) */
+    float *kd = loom_tensor_data(&kt);
+    kd[0] = INFINITY;
+    kd[1] = -INFINITY;
+    kd[2] = NAN;
+    kd[3] = FLT_MAX; /* rounds up to infinity */
+    CHECK_OK(loom_kv_cache_append(&cache, &kst, &vst, &kall, &vall));
+    bad = 0;
+    for (int64_t h = 0; h < 2; h++) {
+        for (int64_t t = 0; t < 2; t++) {
+            for (int64_t c = 0; c < 3; c++) {
+                int64_t src[4] = {0, h, t, c}, dst[4] = {0, h, 3 + t, c};
+                float x = (float)loom_tensor_get(&kst, src);
+                double got = loom_tensor_get(&kall, dst);
+                bool ok = isnan(x) ? isnan(got) : isinf(x) || x == FLT_MAX ? got == copysign(INFINITY, x)
+                                                                             : got == nearest_bf16(x);
+                if (!ok) bad++;
+            }
+            for (int64_t c = 0; c < 2; c++) {
+                int64_t src[4] = {0, h, t, c}, dst[4] = {0, h, 3 + t, c};
+                if (loom_tensor_get(&vall, dst) != nearest_bf16((float)loom_tensor_get(&vst, src))) bad++;
+            }
+        }
+    }
+    CHECK(bad == 0, "%d strided, infinite or NaN inputs stored wrongly", bad);
+    /* element (t, c) of the transposed view is kd[c * 2 + t] */
+    int64_t inf_at[4] = {0, 0, 3, 0}, ninf_at[4] = {0, 0, 4, 0}, nan_at[4] = {0, 0, 3, 1};
+    int64_t max_at[4] = {0, 0, 4, 1};
+    CHECK(loom_tensor_get(&kall, inf_at) == INFINITY, "infinity stored as %g", loom_tensor_get(&kall, inf_at));
+    CHECK(loom_tensor_get(&kall, ninf_at) == -INFINITY, "-infinity stored as %g",
+          loom_tensor_get(&kall, ninf_at));
+    CHECK(isnan(loom_tensor_get(&kall, nan_at)), "NaN stored as %g", loom_tensor_get(&kall, nan_at));
+    CHECK(loom_tensor_get(&kall, max_at) == INFINITY, "FLT_MAX stored as %g", loom_tensor_get(&kall, max_at));
+    loom_tensor_free(&kt);
+    loom_tensor_free(&vt);
+    loom_tensor_free(&kst);
+    loom_tensor_free(&vst);
+
+    /* errors: dtypes other than f32 and bf16 */
+    loom_kv_cache other;
+    CHECK_ERROR(loom_kv_cache_init_dtype(&other, 1, 2, 4, 3, 3, LOOM_F16),
+                "kv_cache_init: dtype must be f32 or bf16, got f16");
+    CHECK_ERROR(loom_kv_cache_init_dtype(&other, 1, 2, 4, 3, 3, LOOM_I32),
+                "kv_cache_init: dtype must be f32 or bf16, got i32");
+    CHECK_OK(loom_kv_cache_init_dtype(&other, 1, 2, 4, 3, 3, LOOM_F32));
+    CHECK(other.k.dtype == LOOM_F32, "an f32 cache has dtype %s", loom_shape_str(&other.k).s);
+    loom_kv_cache_free(&other);
+
+    loom_tensor_free(&k);
+    loom_tensor_free(&v);
+    loom_tensor_free(&k16);
+    loom_tensor_free(&v16);
+    loom_tensor_free(&kall);
+    loom_tensor_free(&vall);
+    loom_kv_cache_free(&cache);
+}
+
+/* Attention over bf16 k and v against attention over the same values
+ * widened to f32, laid out with the same strides. When both run the same
+ * kernel order (both vector kernels, or both portable loops) the results
+ * must be equal bit for bit, otherwise within f32 rounding. */
+static void check_attention_widened(const loom_tensor *q, const loom_tensor *k, const loom_tensor *v,
+                                    const loom_tensor *kf, const loom_tensor *vf,
+                                    const loom_attention_opts *opts, bool bitwise, const char *what) {
+    loom_tensor got = LOOM_TENSOR_EMPTY, want = LOOM_TENSOR_EMPTY;
+    CHECK_OK(loom_attention(&got, q, k, v, opts));
+    CHECK_OK(loom_attention(&want, q, kf, vf, opts));
+    if (got.storage == NULL || want.storage == NULL) return;
+    int64_t n = loom_tensor_numel(&got);
+    const float *g = loom_tensor_data(&got), *w = loom_tensor_data(&want);
+    int differ = 0, bad = 0;
+    double worst = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (memcmp(&g[i], &w[i], sizeof(float)) != 0) differ++;
+        double err = fabs((double)g[i] - w[i]);
+        if (!(err <= 1e-5 * (fabs(w[i]) + 1))) bad++;
+        if (err > worst) worst = err;
+    }
+    if (bitwise)
+        CHECK(differ == 0, "%s: %d of %lld values differ from the widened f32 attention (worst %.3g)",
+              what, differ, (long long)n, worst);
+    CHECK(bad == 0, "%s: %d of %lld values outside tolerance (worst %.3g)", what, bad, (long long)n,
+          worst);
+    loom_tensor_free(&got);
+    loom_tensor_free(&want);
+}
+
+/* Whether the bf16 kernels take the same (vector or portable) route as the
+ * f32 ones on this CPU, so that their sums come out in the same order. */
+static bool bf16_kernels_match_f32(void) {
+    bool f = __builtin_cpu_supports("avx512f");
+    bool bw = f && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    return f == bw;
+}
+
+/* Decoding against a bf16 cache with 8 query heads on 2 cached heads (GQA).
+ * head_dim 20 and value_dim 70 exercise the vector tails and a second
+ * 64-column block. One and three queries take the loop route, five the
+ * sgemm route. Cases are causal, with additive and u8 masks, on one and two
+ * threads. */
+static void test_attention_bf16_cache(void) {
+    int64_t nb = 2, hq = 8, hkv = 2, d = 20, dv = 70, prefill = 100;
+    loom_kv_cache cache;
+    CHECK_OK(loom_kv_cache_init_dtype(&cache, nb, hkv, 120, d, dv, LOOM_BF16));
+    loom_tensor kp = random_bthd(LOOM_F32, nb, hkv, prefill, d), vp = random_bthd(LOOM_F32, nb, hkv, prefill, dv);
+    loom_tensor kall = LOOM_TENSOR_EMPTY, vall = LOOM_TENSOR_EMPTY;
+    CHECK_OK(loom_kv_cache_append(&cache, &kp, &vp, &kall, &vall));
+    loom_tensor_free(&kall);
+    loom_tensor_free(&vall);
+    loom_tensor k1 = random_bthd(LOOM_F32, nb, hkv, 1, d), v1 = random_bthd(LOOM_F32, nb, hkv, 1, dv);
+    CHECK_OK(loom_kv_cache_append(&cache, &k1, &v1, &kall, &vall));
+    int64_t nk = prefill + 1;
+    CHECK(kall.dtype == LOOM_BF16, "filled part %s", loom_shape_str(&kall).s);
+    CHECK(kall.shape[2] == nk, "filled part %s", loom_shape_str(&kall).s);
+    CHECK(!loom_tensor_is_contiguous(&kall), "the filled part %s should be a strided view", loom_shape_str(&kall).s);
+
+    loom_tensor kf = LOOM_TENSOR_EMPTY, vf = LOOM_TENSOR_EMPTY;
+    CHECK_OK(loom_tensor_to(&kf, &kall, LOOM_F32));
+    CHECK_OK(loom_tensor_to(&vf, &vall, LOOM_F32));
+    int64_t fms[4] = {nb, 1, 3, nk}, ums[4] = {nb, 1, 1, nk};
+    loom_tensor fmask = random_tensor(LOOM_F32, 4, fms), umask = LOOM_TENSOR_EMPTY;
+    CHECK_OK(loom_tensor_init(&umask, LOOM_U8, 4, ums));
+    uint8_t *u = loom_tensor_data(&umask);
+    for (int64_t i = 0; i < nb * nk; i++) u[i] = rng_int(0, 3) != 0;
+    u[nk - 1] = 1;
+
+    bool bitwise = bf16_kernels_match_f32();
+    int saved = omp_get_max_threads();
+    for (int threads = 1; threads <= 2; threads++) {
+        omp_set_num_threads(threads);
+        for (int64_t nq = 1; nq <= 3; nq += 2) {
+            loom_tensor q = random_bthd(LOOM_F32, nb, hq, nq, d);
+            loom_tensor fm = LOOM_TENSOR_EMPTY;
+            CHECK_OK(loom_tensor_narrow(&fm, &fmask, 2, 0, nq));
+            loom_attention_opts none = {0}, causal = {.causal = true};
+            loom_attention_opts added = {.causal = true, .mask = &fm}, kept = {.mask = &umask};
+            const loom_attention_opts *cases[4] = {&none, &causal, &added, &kept};
+            const char *names[4] = {"plain", "causal", "causal, float mask", "u8 mask"};
+            for (int c = 0; c < 4; c++) {
+                char what[96];
+                snprintf(what, sizeof what, "bf16 cache, %lld queries, %s, %d thread%s", (long long)nq,
+                         names[c], threads, threads == 1 ? "" : "s");
+                check_attention_widened(&q, &kall, &vall, &kf, &vf, cases[c], bitwise, what);
+            }
+            check_attention(&q, &kall, &vall, &added, "bf16 cache against the double reference");
+            loom_tensor_free(&q);
+            loom_tensor_free(&fm);
+        }
+        /* five queries take the sgemm route, which widens k and v into copies */
+        loom_tensor q5 = random_bthd(LOOM_F32, nb, hq, 5, d);
+        loom_attention_opts causal = {.causal = true};
+        check_attention(&q5, &kall, &vall, &causal, "bf16 cache, five queries (sgemm route)");
+        check_attention_widened(&q5, &kall, &vall, &kf, &vf, &causal, false,
+                                "bf16 cache, five queries against widened");
+        loom_tensor_free(&q5);
+    }
+    omp_set_num_threads(saved);
+
+    loom_tensor_free(&kp);
+    loom_tensor_free(&vp);
+    loom_tensor_free(&k1);
+    loom_tensor_free(&v1);
+    loom_tensor_free(&kall);
+    loom_tensor_free(&vall);
+    loom_tensor_free(&kf);
+    loom_tensor_free(&vf);
+    loom_tensor_free(&fmask);
+    loom_tensor_free(&umask);
+    loom_kv_cache_free(&cache);
+}
+
+/* bf16 k and v whose last dimension is not contiguous (transposed views),
+ * and a query with a non-unit inner stride, take the portable loops. The
+ * f32 operands they are compared with have the same strides, so the f32
+ * side runs the portable loops too and the results match bit for bit. */
+static void test_attention_bf16_strided(void) {
+    int64_t nb = 1, hq = 4, hkv = 2, nk = 9, d = 6, dv = 5;
+    int64_t kts[4] = {nb, hkv, d, nk}, vts[4] = {nb, hkv, dv, nk}, qts[4] = {nb, hq, d, 2};
+    loom_tensor kt = random_tensor(LOOM_BF16, 4, kts), vt = random_tensor(LOOM_BF16, 4, vts);
+    loom_tensor ktf = LOOM_TENSOR_EMPTY, vtf = LOOM_TENSOR_EMPTY, qt = random_tensor(LOOM_F32, 4, qts);
+    CHECK_OK(loom_tensor_to(&ktf, &kt, LOOM_F32));
+    CHECK_OK(loom_tensor_to(&vtf, &vt, LOOM_F32));
+    loom_tensor k = LOOM_TENSOR_EMPTY, v = LOOM_TENSOR_EMPTY, kf = LOOM_TENSOR_EMPTY, vf = LOOM_TENSOR_EMPTY;
+    loom_tensor q = LOOM_TENSOR_EMPTY;
+    CHECK_OK(loom_tensor_transpose(&k, &kt, 2, 3)); /* (B, Hkv, D, K) -> (B, Hkv, K, D) */
+    CHECK_OK(loom_tensor_transpose(&v, &vt, 2, 3)); /* (B, Hkv, Dv, K) -> (B, Hkv, K, Dv) */
+    CHECK_OK(loom_tensor_transpose(&kf, &ktf, 2, 3));
+    CHECK_OK(loom_tensor_transpose(&vf, &vtf, 2, 3));
+    CHECK_OK(loom_tensor_transpose(&q, &qt, 2, 3)); /* (B, Hq, D, Q) -> (B, Hq, Q, D) */
+    CHECK(k.strides[3] != 1, "k should have a strided last dimension");
+    CHECK(v.strides[3] != 1, "v should have a strided last dimension");
+    CHECK(q.strides[3] != 1, "q should have a strided last dimension");
+
+    loom_attention_opts causal = {.causal = true};
+    check_attention_widened(&q, &k, &v, &kf, &vf, &causal, true, "strided bf16 k and v, strided q");
+    check_attention(&q, &k, &v, &causal, "strided bf16 k and v against the double reference");
+
+    /* contiguous rows but a strided query: only the scores take the loops */
+    loom_tensor kc = LOOM_TENSOR_EMPTY, kcf = LOOM_TENSOR_EMPTY;
+    CHECK_OK(loom_tensor_contiguous(&kc, &k));
+    CHECK_OK(loom_tensor_to(&kcf, &kc, LOOM_F32));
+    check_attention_widened(&q, &kc, &v, &kcf, &vf, NULL, bf16_kernels_match_f32(),
+                            "contiguous bf16 k, strided q and v");
+
+    loom_tensor *all[] = {&kt, &vt, &ktf, &vtf, &qt, &k, &v, &kf, &vf, &q, &kc, &kcf};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) loom_tensor_free(all[i]);
+}
+
 /* ---- rotary embedding */
 
 /* Reference rotation. inv_freq = 1 / theta^(2i / rotary_dim) and the angle
@@ -614,6 +908,9 @@ int main(void) {
     test_attention_random();
     test_attention_errors();
     test_kv_cache_decode();
+    test_kv_cache_bf16_append();
+    test_attention_bf16_cache();
+    test_attention_bf16_strided();
     test_rope();
     test_alibi();
     return check_summary();

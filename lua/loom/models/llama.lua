@@ -178,11 +178,14 @@ end
 
 -- A KV cache for `batch` sequences of up to `capacity` positions: one
 -- loom.kv_cache per layer plus the key mask of the positions filled so far.
-function Model:new_cache(batch, capacity)
+-- opts.dtype ("f32" or "bf16") defaults to "bf16" on the bf16 linear path,
+-- whose activations are rounded to bf16 already, and to "f32" otherwise.
+function Model:new_cache(batch, capacity, opts)
   local cfg = self.cfg
-  local cache = { layers = {}, length = 0, capacity = capacity, batch = batch }
+  local dtype = opts and opts.dtype or (loom.get_linear_path() == "bf16" and "bf16" or "f32")
+  local cache = { layers = {}, length = 0, capacity = capacity, batch = batch, dtype = dtype }
   for i = 1, #self.layers do
-    cache.layers[i] = loom.kv_cache(batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
+    cache.layers[i] = loom.kv_cache(batch, cfg.num_key_value_heads, capacity, cfg.head_dim, { dtype = dtype })
   end
   cache.key_mask = loom.ones({ batch, capacity }, "u8")
   return cache

@@ -60,26 +60,31 @@ local function layer_norm(weights, name, cfg, dim)
 end
 
 -- ---------------------------------------------------------------------------
--- KV cache: per layer, preallocated keys and values (B, H, capacity, Dh),
--- plus each row's key mask and count of real tokens, which give the next
--- positions.
+-- KV cache: per layer, preallocated keys and values (B, H, capacity, Dh)
+-- in f32 or bf16, plus each row's key mask and count of real tokens, which
+-- give the next positions.
 
 local Cache = {}
 Cache.__index = Cache
 
-local function new_cache(cfg, batch, capacity)
-  local self = setmetatable({ length = 0, capacity = capacity, batch = batch, layers = {}, masks = {},
-    counts = {} }, Cache)
+local function new_cache(cfg, batch, capacity, dtype)
+  if dtype ~= "f32" and dtype ~= "bf16" then
+    error(string.format("cache dtype must be \"f32\" or \"bf16\", got %s",
+      type(dtype) == "string" and '"' .. dtype .. '"' or type(dtype)), 3)
+  end
+  local self = setmetatable({ length = 0, capacity = capacity, batch = batch, dtype = dtype, layers = {},
+    masks = {}, counts = {} }, Cache)
   local shape = { batch, cfg.num_attention_heads, capacity, cfg.head_dim }
   for i = 1, cfg.num_hidden_layers do
-    self.layers[i] = { k = loom.zeros(shape), v = loom.zeros(shape) }
+    self.layers[i] = { k = loom.zeros(shape, dtype), v = loom.zeros(shape, dtype) }
   end
   for r = 1, batch do self.masks[r], self.counts[r] = {}, 0 end
   return self
 end
 
 -- Write the new keys and values (B, H, T, Dh) of layer i after the cached
--- ones. Returns views of all of them (B, H, length + T, Dh).
+-- ones (rounded to nearest even in a bf16 cache). Returns views of all of
+-- them (B, H, length + T, Dh).
 function Cache:append(i, k, v)
   local layer, len, t = self.layers[i], self.length, k:size(3)
   layer.k:narrow(3, len + 1, t):copy(k)
@@ -113,7 +118,7 @@ end
 -- A new cache of #rows rows, row r copied from row rows[r] of this one (to
 -- expand one prefilled prompt into several beams).
 function Cache:gather(rows, cfg)
-  local out = new_cache(cfg, #rows, self.capacity)
+  local out = new_cache(cfg, #rows, self.capacity, self.dtype)
   local ids = {}
   for r, src in ipairs(rows) do ids[r] = src - 1 end
   local index = loom.tensor(ids, "i64")
@@ -273,8 +278,11 @@ function Model:embed(ids)
 end
 
 -- A KV cache for `batch` sequences of up to `capacity` positions.
-function Model:new_cache(batch, capacity)
-  return new_cache(self.cfg, batch, capacity)
+-- opts.dtype ("f32" or "bf16") defaults to "bf16" on the bf16 linear path,
+-- whose activations are rounded to bf16 already, and to "f32" otherwise.
+function Model:new_cache(batch, capacity, opts)
+  local dtype = opts and opts.dtype or (loom.get_linear_path() == "bf16" and "bf16" or "f32")
+  return new_cache(self.cfg, batch, capacity, dtype)
 end
 
 -- Expand a cache's rows: row r of the result is row rows[r] of `cache`.

@@ -109,26 +109,35 @@ end
 
 -- The layer over segments of different sequences side by side: x (1, N, D)
 -- holds segments[i]'s lengths[i] rows in order. Norms, projections and the
--- MLP run once over all N rows; rotary embeddings, the cache append and
--- attention run per segment, on its positions and its own cache, so no
--- sequence attends to another's keys. `li` is this layer's index in each
+-- MLP run once over all N rows, and so do the rotary embeddings, each row
+-- at its own position. The cache append and attention run per segment, on
+-- its own cache, so no sequence attends to another's keys. `li` is this layer's index in each
 -- segment's cache.
 function Layer:forward_segments(x, segments, lengths, li)
   local cfg = self.cfg
   local h, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
   local rope = { theta = cfg.rope_theta, scaling = cfg.rope_factor, style = "half" }
+  local n = x:size(2)
   local normed = self.input_layernorm:forward(x)
-  local q = self.q_proj:forward(normed) -- (1, N, H*Dh)
-  local k = self.k_proj:forward(normed) -- (1, N, Hkv*Dh)
-  local v = self.v_proj:forward(normed) -- (1, N, Hkv*Dh)
+  -- rotary embeddings act on each position alone, so one call covers every
+  -- segment's rows with their positions side by side
+  local positions = segments.positions
+  if positions == nil then
+    local list = {}
+    for i, s in ipairs(segments) do list[i] = s.positions end
+    positions = #list == 1 and list[1] or loom.cat(list, 2) -- S x (1, t_i) -> (1, N)
+    segments.positions = positions
+  end
+  local q = self.q_proj:forward(normed):view(1, n, h, hd):transpose(2, 3) -- (1, N, H*Dh) -> (1, H, N, Dh)
+  local k = self.k_proj:forward(normed):view(1, n, hkv, hd):transpose(2, 3) -- (1, N, Hkv*Dh) -> (1, Hkv, N, Dh)
+  local v = self.v_proj:forward(normed):view(1, n, hkv, hd):transpose(2, 3) -- (1, N, Hkv*Dh) -> (1, Hkv, N, Dh)
+  q = loom.rope(q, positions, rope)
+  k = loom.rope(k, positions, rope)
   local outs, offset = {}, 1
   for i, s in ipairs(segments) do
     local t = lengths[i]
-    local qs = q:narrow(2, offset, t):view(1, t, h, hd):transpose(2, 3) -- (1, t, H*Dh) -> (1, H, t, Dh)
-    local ks = k:narrow(2, offset, t):view(1, t, hkv, hd):transpose(2, 3) -- (1, t, Hkv*Dh) -> (1, Hkv, t, Dh)
-    local vs = v:narrow(2, offset, t):view(1, t, hkv, hd):transpose(2, 3) -- (1, t, Hkv*Dh) -> (1, Hkv, t, Dh)
-    qs = loom.rope(qs, s.positions, rope)
-    ks = loom.rope(ks, s.positions, rope)
+    local qs = q:narrow(3, offset, t) -- (1, H, t, Dh)
+    local ks, vs = k:narrow(3, offset, t), v:narrow(3, offset, t) -- (1, Hkv, t, Dh) each
     local k_all, v_all = s.cache.layers[li]:append(ks, vs) -- (1, Hkv, K, Dh) each
     local o = loom.attention(qs, k_all, v_all, { causal = true })
     outs[i] = o:transpose(2, 3):reshape(1, t, h * hd) -- (1, H, t, Dh) -> (1, t, H*Dh)
@@ -254,7 +263,8 @@ end
 -- segment's keys and values are appended to its own cache. A layer that
 -- another module inserted into self.layers takes part through its own
 -- forward_segments(x, segments, lengths, li). Returns logits (S, V) of the
--- last position of every segment, in order.
+-- last position of every segment, in order. The layers keep the segments'
+-- positions side by side in segments.positions, (1, N) i64.
 function Model:forward_segments(segments)
   local parts, lengths = {}, {}
   for i, s in ipairs(segments) do

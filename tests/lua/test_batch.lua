@@ -249,6 +249,24 @@ run("ragged step equals forward", function()
   check.check(d < 1e-4, string.format("prefill logits match lm:forward (max diff %.3g, limit 1e-4)", d))
   check.equal(ca.length, 9, "the first cache holds 9 positions")
   check.equal(cb.length, 4, "the second cache holds 4 positions")
+
+  -- a decode step that reuses the same segments table, as a caller may
+  local segs = { {}, {} }
+  local ta = loom.randn({ 1, 1, lm.cfg.hidden_size }, { seed = 3 })
+  local tb = loom.randn({ 1, 1, lm.cfg.hidden_size }, { seed = 4 })
+  segs[1] = { embeds = ta, positions = loom.tensor({ { 9 } }, "i64"), cache = ca }
+  segs[2] = { embeds = tb, positions = loom.tensor({ { 4 } }, "i64"), cache = cb }
+  lm:forward_segments(segs)
+  segs[1] = { embeds = tb, positions = loom.tensor({ { 10 } }, "i64"), cache = ca }
+  segs[2] = { embeds = ta, positions = loom.tensor({ { 5 } }, "i64"), cache = cb }
+  local step = lm:forward_segments(segs)
+  lm:forward({ inputs_embeds = ta, positions = loom.tensor({ { 9 } }, "i64"), cache = ra, logits = "last" })
+  lm:forward({ inputs_embeds = tb, positions = loom.tensor({ { 4 } }, "i64"), cache = rb, logits = "last" })
+  local sa = lm:forward({ inputs_embeds = tb, positions = loom.tensor({ { 10 } }, "i64"), cache = ra, logits = "last" })
+  local sb = lm:forward({ inputs_embeds = ta, positions = loom.tensor({ { 5 } }, "i64"), cache = rb, logits = "last" })
+  d = math.max(loom.max_abs_diff(step:narrow(1, 1, 1), sa:select(2, 1)),
+    loom.max_abs_diff(step:narrow(1, 2, 1), sb:select(2, 1)))
+  check.check(d < 1e-4, string.format("steps through a reused segments table match lm:forward (max diff %.3g)", d))
 end)
 
 -- ---------------------------------------------------------------------------

@@ -107,13 +107,21 @@ function Layer:forward(x, positions, kv, mask)
   return h + self.mlp:forward(self.post_attention_layernorm:forward(h))
 end
 
+-- The positions (1, N) i64 of segments side by side.
+function M.segment_positions(segments)
+  local list = {}
+  for i, s in ipairs(segments) do list[i] = s.positions end
+  return #list == 1 and list[1] or loom.cat(list, 2) -- S x (1, t_i) -> (1, N)
+end
+
 -- The layer over segments of different sequences side by side: x (1, N, D)
 -- holds segments[i]'s lengths[i] rows in order. Norms, projections and the
 -- MLP run once over all N rows, and so do the rotary embeddings, each row
 -- at its own position. The cache append and attention run per segment, on
--- its own cache, so no sequence attends to another's keys. `li` is this layer's index in each
--- segment's cache.
-function Layer:forward_segments(x, segments, lengths, li)
+-- its own cache, so no sequence attends to another's keys. `li` is this
+-- layer's index in each segment's cache; `pass`, when given, carries what
+-- every layer of the pass shares (pass.positions, from segment_positions).
+function Layer:forward_segments(x, segments, lengths, li, pass)
   local cfg = self.cfg
   local h, hkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
   local rope = { theta = cfg.rope_theta, scaling = cfg.rope_factor, style = "half" }
@@ -121,13 +129,7 @@ function Layer:forward_segments(x, segments, lengths, li)
   local normed = self.input_layernorm:forward(x)
   -- rotary embeddings act on each position alone, so one call covers every
   -- segment's rows with their positions side by side
-  local positions = segments.positions
-  if positions == nil then
-    local list = {}
-    for i, s in ipairs(segments) do list[i] = s.positions end
-    positions = #list == 1 and list[1] or loom.cat(list, 2) -- S x (1, t_i) -> (1, N)
-    segments.positions = positions
-  end
+  local positions = pass and pass.positions or M.segment_positions(segments)
   local q = self.q_proj:forward(normed):view(1, n, h, hd):transpose(2, 3) -- (1, N, H*Dh) -> (1, H, N, Dh)
   local k = self.k_proj:forward(normed):view(1, n, hkv, hd):transpose(2, 3) -- (1, N, Hkv*Dh) -> (1, Hkv, N, Dh)
   local v = self.v_proj:forward(normed):view(1, n, hkv, hd):transpose(2, 3) -- (1, N, Hkv*Dh) -> (1, Hkv, N, Dh)
@@ -262,9 +264,8 @@ end
 -- positions = (1, t) i64, cache = a cache of new_cache(1, capacity)}; each
 -- segment's keys and values are appended to its own cache. A layer that
 -- another module inserted into self.layers takes part through its own
--- forward_segments(x, segments, lengths, li). Returns logits (S, V) of the
--- last position of every segment, in order. The layers keep the segments'
--- positions side by side in segments.positions, (1, N) i64.
+-- forward_segments(x, segments, lengths, li, pass) and hands `pass` on.
+-- Returns logits (S, V) of the last position of every segment, in order.
 function Model:forward_segments(segments)
   local parts, lengths = {}, {}
   for i, s in ipairs(segments) do
@@ -275,8 +276,9 @@ function Model:forward_segments(segments)
     end
   end
   local x = #parts == 1 and parts[1] or loom.cat(parts, 2) -- S x (1, t_i, D) -> (1, N, D)
+  local pass = { positions = M.segment_positions(segments) }
   for li, layer in ipairs(self.layers) do
-    x = layer:forward_segments(x, segments, lengths, li)
+    x = layer:forward_segments(x, segments, lengths, li, pass)
   end
   x = self.norm:forward(x)
 

@@ -727,7 +727,7 @@ note_peak("prefill")
 -- (6) decode and memory
 local ratios = {}
 for i = 1, #step_times do ratios[i] = step_bounds[i] / step_times[i] end
-row(string.format("decode, %.2f GB of weights per token", decode_bytes / 1e9), "bf16 weights, 1-row kernel",
+row(string.format("decode, %.2f GB of weights per token", decode_bytes / 1e9), "bf16 weights, " .. loom.linear_kernel() .. " kernel",
   string.format("%.3f s/token", median(step_times)), string.format("%.3f s/token", median(step_bounds)),
   median(ratios), ">= 0.85", median(step_others))
 print("decode steps (s): " .. numbers_text(step_times, "%.3f"))

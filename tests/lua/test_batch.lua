@@ -223,7 +223,8 @@ run("scheduler.new checks arguments", function()
   check.checkerror(function() scheduler.new("model") end, "(expected a loaded model, got string)")
   check.checkerror(function() scheduler.new(loom.zeros({ 2 })) end, "(expected a loaded model, got loom.Tensor)")
   check.checkerror(function() scheduler.new({ encode_images = function() end }) end,
-    "bad argument #1 to 'scheduler.new' (expected a model whose family supports batching, got a table without the 'forward_segments' method)")
+    "bad argument #1 to 'scheduler.new' (expected a model whose family supports batching, "
+      .. "got a table without the 'forward_segments' method)")
   check.checkerror(function() scheduler.new(model, 8) end,
     "bad argument #2 to 'scheduler.new' (expected an options table or nil, got number)")
   check.checkerror(function() scheduler.new(model, { max_batch = 0 }) end,

@@ -35,6 +35,7 @@ The prompt is each shot's image and text in order, then the query image and
   --seed N                  seed of the sampler (default 0)
   --stop TEXT               stop when the text contains TEXT (repeatable)
   --stream                  print the text while it is generated
+  --quiet                   do not log the model's configuration to stderr
   -h, --help                show this help
 ]]
 
@@ -63,6 +64,8 @@ local function parse(args)
       os.exit(0)
     elseif a == "--stream" then
       opts.stream, i = true, i + 1
+    elseif a == "--quiet" then
+      opts.quiet, i = true, i + 1
     elseif VALUE_OPTIONS[a] then
       if value == nil then fail("option " .. a .. " needs a value", 2) end
       if a == "--stop" then opts.stop[#opts.stop + 1] = value else opts[VALUE_OPTIONS[a]] = value end
@@ -144,6 +147,7 @@ local function load_model(dir)
 end
 
 local opts = parse(arg or {})
+if opts.quiet then require("loom.log").set_level("warning") end
 local ok, err = pcall(function()
   local prompt = read_shots(opts.shots)
   local query, load_error = require("loom").image.load(opts.image, { keep_alpha = true })

@@ -457,6 +457,14 @@ run("few-shot script with the tiny checkpoint", function()
     root, arg[-1]))
   check.equal(code, 0, "script exits 0: " .. out)
   check.check(out:match("%S") ~= nil, "script prints the generated text: '" .. out .. "'")
+
+  -- the model summary goes to stderr, and --quiet drops it
+  local cmd = string.format("cd '%s' && '%s' scripts/flamingo.lua --model examples/models/tiny-openflamingo "
+    .. "--shots examples/shots/captions.jsonl --image examples/images/cat.png --max-new-tokens 2", root, arg[-1])
+  local logged = shell("(" .. cmd .. " 2>&1 >/dev/null)")
+  check.check(logged:find("loaded OpenFlamingo", 1, true) ~= nil, "the summary is logged: " .. logged)
+  local quiet = shell("(" .. cmd .. " --quiet 2>&1 >/dev/null)")
+  check.equal(quiet, "", "--quiet logs nothing")
 end)
 
 for _, dir in ipairs(temp_dirs) do os.execute("rm -rf '" .. dir .. "'") end

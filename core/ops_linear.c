@@ -16,6 +16,11 @@
 /* Rows of x up to which 16-bit weights go through the few-row kernel. Beyond
  * this the kernel's x loads per weight element make it slower than a GEMM. */
 #define GEMV_MAX_ROWS 8
+/* Rows of x from which the bf16 path takes the few-row AMX kernel (below it,
+ * the AVX-512 few-row kernel). A build option for comparing the two. */
+#ifndef FEW_AMX_MIN_ROWS
+#define FEW_AMX_MIN_ROWS 1
+#endif
 /* Weight rows per tile of that kernel, at most, and per unit of work handed
  * to a thread (a multiple of the tile). */
 #define GEMV_MAX_TILE 8
@@ -622,7 +627,7 @@ static int linear_compute(float *c, const loom_tensor *x, int64_t rows, const lo
      * measured on the 2-core Sapphire Rapids). The kernel sums exactly as the
      * many-row AMX kernel, so a row's result does not depend on the rows
      * beside it. That keeps batched decoding bitwise equal to single runs. */
-    if (kernel == LOOM_BF16_KERNEL_AMX && rows <= LOOM_AMX_FEW_MAX_ROWS &&
+    if (kernel == LOOM_BF16_KERNEL_AMX && rows >= FEW_AMX_MIN_ROWS && rows <= LOOM_AMX_FEW_MAX_ROWS &&
         weight->dtype == LOOM_BF16) {
         const loom_tensor *w = weight;
         if (weight->strides[1] != 1 && k_len > 1) {

@@ -434,11 +434,14 @@ for _, t in ipairs(step_tensors) do step_bytes = step_bytes + t:numel() * 2 end
 assert(step_bytes == weight_bytes, "the tensors read for the bound differ from the weight bytes per token")
 local cfg = lm.cfg
 local context = inputs_embeds:size(2) + opts.tokens
-local kv_bytes = 2 * cfg.num_hidden_layers * cfg.hidden_size * 4 * (context - opts.tokens / 2)
+-- the decoders keep a bf16 KV cache on the bf16 linear path, an f32 one otherwise
+local kv_dtype = loom.get_linear_path() == "bf16" and "bf16" or "f32"
+local kv_bytes = 2 * cfg.num_hidden_layers * cfg.hidden_size * (kv_dtype == "bf16" and 2 or 4)
+  * (context - opts.tokens / 2)
 print(string.format("decoding, batch 1, %d query + %d prompt positions, %d timed tokens:",
   features:size(2), #prompt, opts.tokens))
-print(string.format("  weight bytes per token: %.3f GB (%s); KV cache read per token about %.1f MB (f32, mean length)",
-  weight_bytes / 1e9, "bf16", kv_bytes / 1e6))
+print(string.format("  weight bytes per token: %.3f GB (%s); KV cache read per token about %.1f MB (%s, mean length)",
+  weight_bytes / 1e9, "bf16", kv_bytes / 1e6, kv_dtype))
 
 -- one generate_from_embeds run: returns prefill seconds and seconds per token
 local function decode_run(tokens)

@@ -423,10 +423,10 @@ int loom_linear_amx(float *c, const loom_blas_mat *xm, const uint16_t *w, int64_
 /* ---- few rows of x: the weight in place as the tile rows
  *
  * For decoding, packing the weight (pack_w_block) would cost as much memory
- * traffic as the product itself. Here the roles turn around: tile rows are
- * 16 weight rows loaded straight from the weight (64 bytes of each row per
- * step), and the second operand contains the k-pairs of up to 16 rows of x, so
- * the C tile is (weight rows, x rows), transposed on the way out. */
+ * traffic as the product itself. Here the roles turn around. The tile rows
+ * are 16 weight rows loaded straight from the weight, 64 bytes of each row
+ * per step. The second operand contains the k-pairs of up to 16 rows of x.
+ * So the C tile is (weight rows, x rows), transposed on the way out. */
 
 /* A unit is one tile's 16 weight rows, streamed from start to end. The
  * hardware prefetchers follow that better than four tiles that share each

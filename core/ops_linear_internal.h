@@ -48,11 +48,12 @@ int loom_linear_amx(float *c, const loom_blas_mat *xm, const uint16_t *w, int64_
 #define LOOM_AMX_FEW_MAX_ROWS 16
 
 /* The same product for up to LOOM_AMX_FEW_MAX_ROWS rows of x and a bf16
- * weight, for decoding (one sequence or a batch of them): the weight is read in place, one pass, with its rows
- * as the tile rows, and the rows of x (rounded to bf16, at most 16) as the
- * tile columns. Every output element is the sum that loom_linear_amx forms
- * for it, bias first and then k in steps of 32, so a row of x gets the
- * same bits from either kernel and whatever other rows come with it. */
+ * weight, for decoding one sequence or a batch of them. The weight is read
+ * in place, in one pass, with its rows as the tile rows and the rows of x
+ * (rounded to bf16) as the tile columns. Every output element is the sum
+ * that loom_linear_amx forms for it, bias first and then k in steps of 32.
+ * So a row of x gets the same bits from either kernel, whatever other rows
+ * come with it. */
 int loom_linear_amx_few(float *c, const loom_blas_mat *xm, const uint16_t *w, int64_t ldw,
                         int64_t n_out, const float *bias);
 

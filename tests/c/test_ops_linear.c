@@ -320,8 +320,8 @@ static void run_kernel_case(const kernel_case *kc, loom_bf16_kernel kernel, int 
     loom_linear_pin_bf16_kernel(LOOM_BF16_KERNEL_AUTO);
     omp_set_num_threads(saved_threads);
 
-    /* what the pin falls back to here; up to 8 rows the f32 few-row kernel
-     * serves the bf16 path, except where the few-row AMX kernel takes them */
+    /* What the pin falls back to here. Up to 8 rows the f32 few-row kernel
+     * serves the bf16 path, except where the few-row AMX kernel takes them. */
     loom_linear_pin_bf16_kernel(kernel);
     loom_bf16_kernel used = loom_linear_bf16_kernel();
     loom_linear_pin_bf16_kernel(LOOM_BF16_KERNEL_AUTO);
@@ -428,9 +428,9 @@ static void test_amx_random_shapes(void) {
 }
 
 /* One to sixteen rows of x with a bf16 weight take the few-row AMX kernel,
- * which reads the weight in place: edges of every kind (k short of a step,
- * n short of a tile or a four-tile unit), transposed x, row-strided weight,
- * one and two threads. */
+ * which reads the weight in place. The cases cover edges of every kind (k
+ * short of a step, n short of a tile or a four-tile unit), transposed x, a
+ * row-strided weight, and one and two threads. */
 static void test_amx_few_rows(void) {
     const kernel_case cases[] = {
         {1, 1, 1, LOOM_BF16, 0, 0, true},

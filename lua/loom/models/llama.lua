@@ -115,7 +115,7 @@ function M.segment_positions(segments)
 end
 
 -- The layer over segments of different sequences side by side: x (1, N, D)
--- holds segments[i]'s lengths[i] rows in order. Norms, projections and the
+-- contains segments[i]'s lengths[i] rows in order. Norms, projections and the
 -- MLP run once over all N rows, and so do the rotary embeddings, each row
 -- at its own position. The cache append and attention run per segment, on
 -- its own cache, so no sequence attends to another's keys. `li` is this

@@ -55,30 +55,35 @@ local VALUE_OPTIONS = {
 
 local function parse(args)
   local opts = { max_new_tokens = 64, stop = {} }
+  local seen = {}
   local i = 1
   while i <= #args do
-    local a = args[i]
-    local value = args[i + 1]
+    local a, value = args[i], args[i + 1]
     if a == "-h" or a == "--help" then
       io.write(HELP)
       os.exit(0)
-    elseif a == "--stream" then
-      opts.stream, i = true, i + 1
-    elseif a == "--quiet" then
-      opts.quiet, i = true, i + 1
-    elseif VALUE_OPTIONS[a] then
+    elseif a == "--stream" or a == "--quiet" then
+      opts[a:sub(3)], i = true, i + 1
+    elseif VALUE_OPTIONS[a] or NUMBER_OPTIONS[a] then
       if value == nil then fail("option " .. a .. " needs a value") end
-      if a == "--stop" then opts.stop[#opts.stop + 1] = value else opts[VALUE_OPTIONS[a]] = value end
-      i = i + 2
-    elseif NUMBER_OPTIONS[a] then
-      local key = NUMBER_OPTIONS[a]
-      local n = tonumber(value or "")
-      if n == nil then fail(string.format("option %s needs a number, got '%s'", a, tostring(value))) end
-      if INTEGER_OPTIONS[key] then
-        n = math.tointeger(n)
-        if n == nil then fail(string.format("option %s needs an integer, got '%s'", a, value)) end
+      if seen[a] and a ~= "--stop" then fail("option " .. a .. " is given twice (only --stop repeats)") end
+      seen[a] = true
+      if a == "--stop" then
+        opts.stop[#opts.stop + 1] = value
+      elseif VALUE_OPTIONS[a] then
+        opts[VALUE_OPTIONS[a]] = value
+      else
+        local key = NUMBER_OPTIONS[a]
+        local n = tonumber(value)
+        if n == nil then fail(string.format("option %s needs a number, got '%s'", a, value)) end
+        if INTEGER_OPTIONS[key] then
+          n = math.tointeger(n)
+          if n == nil then fail(string.format("option %s needs an integer, got '%s'", a, value)) end
+        end
+        if n < 0 then fail(string.format("option %s needs a value of 0 or more, got '%s'", a, value)) end
+        opts[key] = n
       end
-      opts[key], i = n, i + 2
+      i = i + 2
     else
       fail("unknown argument '" .. a .. "'")
     end

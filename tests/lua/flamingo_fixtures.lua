@@ -5,11 +5,21 @@ local json = require("loom.json")
 
 local M = {}
 
+local created = {}
+
+-- A new empty directory, removed by M.cleanup().
 function M.temp_dir()
   local path = os.tmpname()
   os.remove(path)
   assert(os.execute("mkdir -p '" .. path .. "'"))
+  created[#created + 1] = path
   return path
+end
+
+-- Remove every directory M.temp_dir made; a test calls it before its summary.
+function M.cleanup()
+  for _, path in ipairs(created) do os.execute("rm -rf '" .. path .. "'") end
+  created = {}
 end
 
 function M.write_file(path, text)

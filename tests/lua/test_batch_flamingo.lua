@@ -312,4 +312,5 @@ run("batch pipeline concurrency 4 equals 1", function()
 end)
 
 for _, dir in ipairs(temp_dirs) do os.execute("rm -rf '" .. dir .. "'") end
+fixtures.cleanup()
 check.summary()

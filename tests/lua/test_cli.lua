@@ -188,5 +188,24 @@ do
   end
 end
 
+-- llava.lua rejects a repeated option and a negative number with status 2
+do
+  local root = assert(os.getenv("PWD")) .. "/"
+  if arg[0]:sub(1, 1) == "/" then root = arg[0]:gsub("tests/lua/[^/]*$", "") end
+  local base = exe .. " " .. quote(root .. "scripts/llava.lua")
+    .. " --model " .. quote(root .. "examples/models/tiny-llava")
+    .. " --image " .. quote(root .. "examples/images/cat.png")
+  local out, code = run(base .. " --prompt a --prompt b")
+  check.equal(code, 2, "a repeated --prompt exits with 2")
+  check.check(out:find("option --prompt is given twice", 1, true) ~= nil, "the repeated option is named: " .. out)
+  out, code = run(base .. " --prompt a --temperature -1")
+  check.equal(code, 2, "a negative --temperature exits with 2")
+  check.check(out:find("--temperature needs a value of 0 or more, got '-1'", 1, true) ~= nil,
+    "the value is named: " .. out)
+  out, code = run(base .. " --prompt a --max-new-tokens")
+  check.check(code == 2 and out:find("option --max-new-tokens needs a value", 1, true) ~= nil,
+    "a missing value is named: " .. out)
+end
+
 os.execute("rm -rf " .. quote(tmp))
 check.summary()

@@ -441,4 +441,5 @@ run("flamingo script", function()
   check.check(out:find("--shots FILE", 1, true) ~= nil, "--help describes --shots")
 end)
 
+fixtures.cleanup()
 check.summary()

@@ -450,6 +450,10 @@ function Model:room(batch, max_new, level)
     error(string.format("prompt is %d tokens long but the context holds %d: %d too many", t, self.context,
       t - self.context), level)
   end
+  if t == self.context and max_new > 0 then
+    error(string.format("prompt is %d tokens long and fills the context of %d: no room for new tokens", t,
+      self.context), level)
+  end
   return math.min(max_new, self.context - t)
 end
 

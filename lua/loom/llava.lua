@@ -463,6 +463,21 @@ function Model:encode_prompts(args)
   return rows, images
 end
 
+-- The new tokens that fit after an input of t positions (at most max_new).
+-- Raises, at `level`, when the input does not fit in the context, or fills
+-- it while new tokens are asked for.
+local function room_after(self, t, max_new, level)
+  if t > self.context then
+    error(string.format("input is %d positions long but the context holds %d: %d too many", t, self.context,
+      t - self.context), level + 1)
+  end
+  if t == self.context and max_new > 0 then
+    error(string.format("input is %d positions long and fills the context of %d: no room for new tokens", t,
+      self.context), level + 1)
+  end
+  return math.min(max_new, self.context - t)
+end
+
 -- Generate text from images and prompts.
 --   args.image / args.images   one image or a list (paths, u8 images or f32 pixels)
 --   args.prompt                text whose "<image>" markers match the images
@@ -487,13 +502,8 @@ function Model:generate(args)
   local inputs_embeds, key_mask, positions, next_positions = self:build_inputs(rows,
     tensor_rows(args.attention_mask), features, args.hook)
   local b, t = inputs_embeds:size(1), inputs_embeds:size(2)
-  if t > self.context then
-    error(string.format("input is %d positions long but the context holds %d: %d too many", t, self.context,
-      t - self.context), 2)
-  end
-
   local max_new = args.max_new_tokens or 32
-  local room = math.min(max_new, self.context - t)
+  local room = room_after(self, t, max_new, 2)
   local cache = self.lm:new_cache(b, t + math.max(room, 0))
   local lm = self.lm
   local session = {
@@ -562,13 +572,8 @@ function Model:generate_scheduled(args, sched)
   if #images > 0 then features = sched:encode_images(self:preprocess(images)) end
   local inputs_embeds, _, positions, next_positions = self:build_inputs(rows, nil, features)
   local t = inputs_embeds:size(2)
-  if t > self.context then
-    error(string.format("input is %d positions long but the context holds %d: %d too many", t, self.context,
-      t - self.context), 3)
-  end
-
   local max_new = args.max_new_tokens or 32
-  local room = math.min(max_new, self.context - t)
+  local room = room_after(self, t, max_new, 3)
   local cache = self.lm:new_cache(1, t + math.max(room, 0))
   local next_position = next_positions[1]
   local lm = self.lm

@@ -635,6 +635,15 @@ run("prompt errors", function()
   local ok, err = pcall(model.generate, model, { image = IMAGE, prompt = long, max_new_tokens = 1 })
   check("prompt longer than context", not ok and tostring(err):find("but the context holds 256: %d+ tokens too many") ~= nil,
     tostring(err))
+
+  -- an input that fills the context exactly: 193 ids, one of them the image
+  -- token, which stands for the image's 64 positions
+  local full = { 1, 1000 }
+  for i = 3, 193 do full[i] = 5 + i % 50 end
+  checkerror("input filling the context", "input is 256 positions long and fills the context of 256: no room for new tokens",
+    model.generate, model, { input_ids = full, image = IMAGE, max_new_tokens = 2 })
+  local none = model:generate({ input_ids = full, image = IMAGE, max_new_tokens = 0 })
+  check("no new tokens asked for a full context", #none.tokens == 0, list_text(none.tokens))
 end)
 
 run("greedy generation", function()

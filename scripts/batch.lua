@@ -25,10 +25,10 @@ where it stopped.
   --model DIR              checkpoint directory
   --input FILE             jobs, one JSON object per line
   --output FILE            results, appended (created when missing)
-  --concurrency N          jobs in flight at once (default 1); their images
-                           load on the thread pool, their images share
-                           vision forwards and their generation steps run
-                           as one batch (beam search jobs run on their own)
+  --concurrency N          jobs in flight at once (default 1): images load
+                           on the thread pool, waiting images share one
+                           vision forward, and generation steps run as one
+                           batch (beam search jobs run on their own)
   --max-batch N            sequences per batched step (default 8)
   --no-batching            run each generation on its own
   --linear-path PATH       f32 (default: matches the reference
@@ -138,6 +138,11 @@ end
 local opts = parse(arg or {})
 if opts.linear_path then require("loom").set_linear_path(opts.linear_path) end
 local defaults = { max_new_tokens = opts.max_new_tokens, temperature = opts.temperature }
+for key, value in pairs(defaults) do
+  if value ~= nil and not batch.PIPELINES[opts.pipeline].options[key] then
+    fail(string.format("--%s is not supported by the %s pipeline", key:gsub("_", "-"), opts.pipeline), 2)
+  end
+end
 
 local ok, summary = pcall(async.run, batch.run, {
   pipeline = opts.pipeline, model = opts.model, input = opts.input, output = opts.output,

@@ -506,6 +506,11 @@ run("shards cover input once", function()
     "--output", dir .. "/x.jsonl", "--shard", "3/3" })
   check.equal(code, 2, "an invalid shard is an argument error")
   check.check(contains(stderr, "invalid shard '3/3'"), "the message names the shard: " .. stderr)
+  code, stderr = run_batch({ "--pipeline", "blip2", "--model", MODEL_DIR, "--input", dir .. "/jobs.jsonl",
+    "--output", dir .. "/x.jsonl", "--temperature", "0.5" })
+  check.equal(code, 2, "a default the pipeline does not take is an argument error")
+  check.check(contains(stderr, "--temperature is not supported by the blip2 pipeline"),
+    "the message names the option and the pipeline: " .. stderr)
 end)
 
 run("blip2 pipeline", function()

@@ -99,6 +99,7 @@ asan:
 DEMO_ARGS ?= --model examples/models/tiny-llava --image examples/images/cat.png \
 	--prompt "What is in the picture?" --max-new-tokens 24
 demo: all
+	@echo '$(LOOM) scripts/llava.lua $(DEMO_ARGS)'
 	@$(LOOM) scripts/llava.lua $(DEMO_ARGS)
 
 bench: all $(BENCH_BIN)

@@ -138,7 +138,9 @@ function M.read_jobs(path)
       local ok, job = pcall(json.decode, line)
       if not ok then
         entry.id, entry.kind = "line:" .. number, "input"
-        entry.error = string.format("line %d is not valid JSON: %s", number, tostring(job))
+        -- the decoder counts lines within the text it got, which is this one line
+        local detail = tostring(job):gsub("^invalid JSON at line 1 %(byte (%d+)%)", "at byte %1")
+        entry.error = string.format("line %d is not valid JSON: %s", number, detail)
       elseif type(job) ~= "table" or is_list(job) then
         entry.id, entry.kind = "line:" .. number, "input"
         entry.error = string.format("line %d is not a JSON object", number)

@@ -312,11 +312,42 @@ static void remember(const char *chunk) {
 
 /* Print every value the chunk returned, through the global print (which
  * uses __tostring, so tensors print as tensors). */
+/* Replace each plain table among the n results with the text loom.repl's
+ * format gives for it. Without that module the results stay as they are. */
+static void format_tables(lua_State *L, int n) {
+    int any = 0;
+    for (int i = 1; i <= n && !any; i++)
+        any = lua_type(L, i) == LUA_TTABLE && !lua_getmetatable(L, i);
+    lua_settop(L, n); /* lua_getmetatable pushed nothing when it returned 0 */
+    if (!any)
+        return;
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "loom.repl");
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK || !lua_istable(L, -1)) {
+        lua_settop(L, n);
+        return;
+    }
+    lua_getfield(L, -1, "format");
+    int format = lua_gettop(L);
+    for (int i = 1; i <= n; i++) {
+        if (lua_type(L, i) != LUA_TTABLE)
+            continue;
+        lua_pushvalue(L, format);
+        lua_pushvalue(L, i);
+        if (lua_pcall(L, 1, 1, 0) == LUA_OK)
+            lua_replace(L, i);
+        else
+            lua_pop(L, 1);
+    }
+    lua_settop(L, n);
+}
+
 static void print_results(lua_State *L) {
     int n = lua_gettop(L);
     if (n == 0)
         return;
     luaL_checkstack(L, LUA_MINSTACK, "too many results to print");
+    format_tables(L, n);
     lua_getglobal(L, "print");
     lua_insert(L, 1);
     if (lua_pcall(L, n, 0, 0) != LUA_OK) {

@@ -1,7 +1,8 @@
 -- Tests of the REPL driven through a pipe (standard input not a terminal,
 -- so plain lines without readline): expressions print their values,
 -- statements print nothing, multi-line chunks, errors that do not end the
--- session, tensors printed through __tostring.
+-- session, tensors printed through __tostring, plain tables by their
+-- contents.
 package.path = arg[0]:gsub("[^/]*$", "") .. "?.lua;" .. package.path
 local check = require("check")
 
@@ -24,6 +25,16 @@ do
   local out, code = repl({"1 + 1", "x = 10", "x * 2", "local y = 3", "= 3, 4", "'a', nil, true"})
   check.equal(out, "2\n20\n3\t4\na\tnil\ttrue\n", "expressions print, statements do not")
   check.equal(code, 0, "the REPL exits with 0 at the end of input")
+end
+
+do
+  -- plain tables print their contents one level deep; others keep their own text
+  local out = repl({"x = {a = 1, 2, 'two words', t = {1}, [true] = loom.zeros({2})}", "x",
+    "{}, setmetatable({}, {__tostring = function() return 'custom' end})", "{b = 1, a = 2}"})
+  check.equal(out, '{2, "two words", [true] = loom.Tensor, a = 1, t = {...}}\n{}\tcustom\n{a = 2, b = 1}\n',
+    "tables print their contents")
+  local many = repl({"t = {} for i = 1, 45 do t[i] = i end", "t"})
+  check.check(many:find(", 40, ... (5 more)}", 1, true) ~= nil, "long tables are cut: " .. many)
 end
 
 do

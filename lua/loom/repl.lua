@@ -1,6 +1,6 @@
--- How the REPL shows a result: a plain table (one without a metatable) as
--- its contents, one level deep, instead of its address. Other values go to
--- print unchanged.
+-- The REPL's display of results: a plain table (one without a metatable)
+-- shows its contents, one level deep, instead of its address. Other values
+-- go to print unchanged.
 local M = {}
 
 local MAX_ITEMS = 40

@@ -650,8 +650,12 @@ local function search_settings(self, mask_rows, opts, level)
     longest = math.max(longest, n)
   end
   local positions = self.lm.cfg.max_position_embeddings
-  if longest >= positions then
-    error(string.format("input of %d positions leaves no room in OPT's %d positions", longest, positions), level + 1)
+  if longest > positions then
+    error(string.format("input is %d positions long but OPT's context holds %d: %d too many", longest, positions,
+      longest - positions), level + 1)
+  elseif longest == positions then
+    error(string.format("input is %d positions long and fills OPT's context of %d: no room for new tokens", longest,
+      positions), level + 1)
   end
   settings.max_new_tokens = math.min(settings.max_new_tokens or 30, positions - longest)
   return settings

@@ -181,6 +181,21 @@ run("caption in process", function()
   check.equal(TOK:decode(answer.prompt_ids), "Question: what is in the picture? Answer:", "prompt text")
 end)
 
+run("prompt that does not fit", function()
+  -- OPT's positions count the queries and the prompt ids
+  local context = MODEL.lm.cfg.max_position_embeddings
+  local queries = MODEL.config.num_query_tokens
+  local ids = {}
+  for i = 1, context - queries + 5 do ids[i] = 10 + i % 40 end
+  local ok, err = pcall(MODEL.generate, MODEL, { image = IMAGE, input_ids = ids, max_new_tokens = 2 })
+  check.check(not ok and tostring(err):find(string.format("input is %d positions long but OPT's context holds %d: "
+    .. "5 too many", context + 5, context), 1, true) ~= nil, "too long: " .. tostring(err))
+  local full = { table.unpack(ids, 1, context - queries) }
+  ok, err = pcall(MODEL.generate, MODEL, { image = IMAGE, input_ids = full, max_new_tokens = 2 })
+  check.check(not ok and tostring(err):find("fills OPT's context of " .. context .. ": no room for new tokens", 1,
+    true) ~= nil, "exactly full: " .. tostring(err))
+end)
+
 run("script prints a caption", function()
   local base = quote(loom_exe) .. " " .. quote(root .. "scripts/blip2.lua") .. " --model " .. quote(MODEL_DIR)
     .. " --image " .. quote(IMAGE)

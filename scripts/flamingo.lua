@@ -1,13 +1,13 @@
 -- Few-shot captioning or visual question answering with a Flamingo-style
 -- checkpoint (IDEFICS or OpenFlamingo):
---   loom scripts/flamingo.lua --model DIR --shots FILE.jsonl --image FILE [--prompt TEXT]
+--   loom scripts/flamingo.lua --model DIR [--shots FILE.jsonl] --image FILE [--prompt TEXT]
 -- Each line of the shots file is one example: an image and the text that
 -- follows it. The query image comes last, followed by --prompt.
 local flamingo = require("loom.flamingo")
 local json = require("loom.json")
 
 local HELP = [[
-usage: loom scripts/flamingo.lua --model DIR --shots FILE.jsonl --image FILE [--prompt TEXT] [options]
+usage: loom scripts/flamingo.lua --model DIR [--shots FILE.jsonl] --image FILE [--prompt TEXT] [options]
 
 Few-shot captioning or visual question answering with an IDEFICS or
 OpenFlamingo checkpoint directory (config.json with model_type "idefics" or
@@ -15,7 +15,8 @@ OpenFlamingo checkpoint directory (config.json with model_type "idefics" or
 or an OpenFlamingo release layout whose config.json names checkpoint.pt and
 the vision, language model and tokenizer directories.
 The prompt is each shot's image and text in order, then the query image and
---prompt; OpenFlamingo's <|endofchunk|> closes each shot.
+--prompt; OpenFlamingo's <|endofchunk|> closes each shot. Without --shots
+the model sees the query image and --prompt alone (zero-shot).
 
   --model DIR               checkpoint directory
   --shots FILE              JSON Lines file, one shot per line:
@@ -83,7 +84,7 @@ local function parse(args)
       fail("unknown argument '" .. a .. "'", 2)
     end
   end
-  for _, required in ipairs({ "model", "shots", "image" }) do
+  for _, required in ipairs({ "model", "image" }) do
     if opts[required] == nil then fail("missing --" .. required, 2) end
   end
   return opts
@@ -149,7 +150,7 @@ end
 local opts = parse(arg or {})
 if opts.quiet then require("loom.log").set_level("warning") end
 local ok, err = pcall(function()
-  local prompt = read_shots(opts.shots)
+  local prompt = opts.shots and read_shots(opts.shots) or {}
   local query, load_error = require("loom").image.load(opts.image, { keep_alpha = true })
   if query == nil then error(string.format("cannot load the query image: %s", load_error), 0) end
   prompt[#prompt + 1] = query

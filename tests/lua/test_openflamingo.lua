@@ -458,6 +458,15 @@ run("few-shot script with the tiny checkpoint", function()
   check.equal(code, 0, "script exits 0: " .. out)
   check.check(out:match("%S") ~= nil, "script prints the generated text: '" .. out .. "'")
 
+  -- without --shots the query image and prompt alone (zero-shot), the same
+  -- text as model:generate gives for that prompt list
+  local zero = shell(string.format("cd '%s' && '%s' scripts/flamingo.lua --model examples/models/tiny-openflamingo "
+    .. "--image examples/images/cat.png --prompt 'An image of' --max-new-tokens 4 --quiet 2>/dev/null", root, arg[-1]))
+  local tiny = require("loom.openflamingo").load(root .. "examples/models/tiny-openflamingo")
+  local expected = tiny:generate({ loom.image.load(root .. "examples/images/cat.png", { keep_alpha = true }),
+    "An image of", max_new_tokens = 4 })
+  check.equal(zero, expected.text .. "\n", "zero-shot prints the text of that prompt")
+
   -- the model summary goes to stderr, and --quiet drops it
   local cmd = string.format("cd '%s' && '%s' scripts/flamingo.lua --model examples/models/tiny-openflamingo "
     .. "--shots examples/shots/captions.jsonl --image examples/images/cat.png --max-new-tokens 2", root, arg[-1])

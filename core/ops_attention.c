@@ -8,6 +8,7 @@
 
 #include "ops_blas.h"
 #include "ops_internal.h"
+#include "ops_linear_internal.h"
 
 /* Query rows per sgemm block: bounds the scores buffer at ATTN_QBLOCK x K. */
 #define ATTN_QBLOCK 256
@@ -214,6 +215,46 @@ static void attend_gemm(float *out, const attn_params *ap, const attn_operand *q
         loom_blas_view(&vm, vp, ap->nk, ap->dv, v->s[2], v->s[3]);
         loom_sgemm(&pm, &vm, out + i0 * ap->dv, ap->dv, 1.0f, 0.0f);
     }
+}
+
+/* The same on the bf16 linear path with AMX: both products on AMX tiles,
+ * with q, k, the probabilities and v rounded to bf16 and f32 sums, as the
+ * bf16 path's linear layers round their inputs. kb (nk x d) and vtb (dv x
+ * nk) are scratch for this head's keys and transposed values in bf16.
+ * Returns LOOM_ERR when memory runs out. */
+/* f32 to bf16, nearest even, NaN kept quiet: loom_f32_to_bf16 inlined for
+ * the conversion loops below. */
+static inline uint16_t bf16_of(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static int attend_amx(float *out, const attn_params *ap, const attn_operand *q,
+                      const attn_operand *k, const attn_operand *v, int64_t b, int64_t h,
+                      float *scores, uint16_t *kb, uint16_t *vtb) {
+    int64_t kvh = h / (ap->hq / ap->hkv);
+    const float *qp = operand_at(q, b, h), *kp = operand_at(k, b, kvh), *vp = operand_at(v, b, kvh);
+    int64_t nk = ap->nk, d = ap->d, dv = ap->dv;
+    /* the keys carry the scale, so the scores come out scaled (exact when
+     * the scale is a power of two, as 1/sqrt(64) is) */
+    for (int64_t j = 0; j < nk; j++) {
+        const float *kr = kp + j * k->s[2], *vr = vp + j * v->s[2];
+        for (int64_t c = 0; c < d; c++) kb[j * d + c] = bf16_of(kr[c * k->s[3]] * ap->scale);
+        for (int64_t c = 0; c < dv; c++) vtb[c * nk + j] = bf16_of(vr[c * v->s[3]]);
+    }
+    for (int64_t i0 = 0; i0 < ap->nq; i0 += ATTN_QBLOCK) {
+        int64_t nb = ap->nq - i0 < ATTN_QBLOCK ? ap->nq - i0 : ATTN_QBLOCK;
+        loom_blas_mat qm, pm;
+        loom_blas_view(&qm, qp + i0 * q->s[2], nb, d, q->s[2], q->s[3]);
+        if (loom_linear_amx(scores, &qm, kb, d, LOOM_BF16, nk, NULL)) return LOOM_ERR;
+        for (int64_t i = 0; i < nb; i++) softmax_row(scores + i * nk, ap, b, h, i0 + i);
+        loom_blas_view(&pm, scores, nb, nk, nk, 1);
+        if (loom_linear_amx(out + i0 * dv, &pm, vtb, nk, LOOM_BF16, dv, NULL)) return LOOM_ERR;
+    }
+    return LOOM_OK;
 }
 
 /* s[j] = scale * dot(q, k_j) for nk key rows ldk floats apart, all with
@@ -560,16 +601,33 @@ static int attention_compute(float *out, const attn_params *ap, const loom_tenso
         int64_t qb = ap->nq < ATTN_QBLOCK ? ap->nq : ATTN_QBLOCK;
         int nt = omp_get_max_threads();
         if (pairs % nt != 0 && pairs < 4 * (int64_t)nt) nt = 1;
+        /* On the bf16 path with AMX both products run on tiles (per thread:
+         * the head's keys and transposed values in bf16). */
+        bool amx = ap->d > 0 && loom_get_linear_path() == LOOM_PATH_BF16 &&
+                   loom_linear_bf16_kernel() == LOOM_BF16_KERNEL_AMX;
+        size_t head16 = amx ? (size_t)(ap->nk * (ap->d + ap->dv)) : 0;
         float *scores = loom_alloc((size_t)nt * (size_t)(qb * ap->nk) * sizeof(float));
-        if (scores == NULL) {
+        uint16_t *heads16 = amx ? loom_alloc((size_t)nt * head16 * sizeof(uint16_t)) : NULL;
+        if (scores == NULL || (amx && heads16 == NULL)) {
             rc = loom_error_prefix("attention");
         } else {
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-            for (int64_t bh = 0; bh < pairs; bh++)
-                attend_gemm(out + bh * ap->nq * ap->dv, ap, &qo, &ko, &vo, bh / ap->hq, bh % ap->hq,
-                            scores + (size_t)omp_get_thread_num() * (size_t)(qb * ap->nk));
+            int failed = 0;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(| : failed)
+            for (int64_t bh = 0; bh < pairs; bh++) {
+                int t = omp_get_thread_num();
+                float *s = scores + (size_t)t * (size_t)(qb * ap->nk);
+                if (amx) {
+                    uint16_t *kb = heads16 + (size_t)t * head16;
+                    failed |= attend_amx(out + bh * ap->nq * ap->dv, ap, &qo, &ko, &vo, bh / ap->hq,
+                                         bh % ap->hq, s, kb, kb + ap->nk * ap->d) != LOOM_OK;
+                } else {
+                    attend_gemm(out + bh * ap->nq * ap->dv, ap, &qo, &ko, &vo, bh / ap->hq, bh % ap->hq, s);
+                }
+            }
+            if (failed) rc = loom_error_prefix("attention");
         }
         loom_free(scores);
+        loom_free(heads16);
     } else if (rc == LOOM_OK) {
         int nt = pairs * ap->nq * ap->nk * (ap->d + ap->dv) >= LOOM_PARALLEL_MIN_ELEMS
                      ? omp_get_max_threads()

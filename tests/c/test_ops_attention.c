@@ -5,12 +5,15 @@
  * append, attention equal to attention over the widened values), and the
  * error messages. */
 #include <float.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "check.h"
 #include "ops.h"
+#include "ops_linear_internal.h"
 
 static uint64_t rng_state = 0x2545f4914f6cdd1dull;
 
@@ -784,6 +787,56 @@ static void check_rope(const loom_tensor *x, const loom_tensor *pos, float theta
     loom_tensor_free(&out);
 }
 
+/* On the bf16 linear path with AMX, many-query attention runs both products
+ * on tiles with bf16 operands: its result stays within bf16 rounding of the
+ * f32 path's (the f32 path is checked against a double reference above).
+ * Shapes cross the 256-query block and the 32-input tile step, with GQA
+ * heads, transposed (B, T, H, D) layouts, causal and float masks. */
+static void test_attention_bf16_path(void) {
+    if (!loom_amx_bf16_usable()) {
+        printf("note: no AMX-BF16 here, so the bf16-path attention test is skipped\n");
+        return;
+    }
+    struct { int64_t b, hq, hkv, nq, nk, d, dv; bool causal, mask; } cases[] = {
+        {1, 4, 4, 300, 300, 64, 64, true, false},
+        {2, 4, 2, 40, 70, 20, 36, false, true},
+        {1, 3, 1, 5, 9, 33, 16, true, true},
+    };
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        loom_tensor q = random_bthd(LOOM_F32, cases[ci].b, cases[ci].hq, cases[ci].nq, cases[ci].d);
+        loom_tensor k = random_bthd(LOOM_F32, cases[ci].b, cases[ci].hkv, cases[ci].nk, cases[ci].d);
+        loom_tensor v = random_bthd(LOOM_F32, cases[ci].b, cases[ci].hkv, cases[ci].nk, cases[ci].dv);
+        int64_t mshape[4] = {cases[ci].b, 1, cases[ci].nq, cases[ci].nk};
+        loom_tensor m = cases[ci].mask ? random_tensor(LOOM_F32, 4, mshape) : (loom_tensor)LOOM_TENSOR_EMPTY;
+        loom_attention_opts opts = {.causal = cases[ci].causal, .mask = cases[ci].mask ? &m : NULL};
+        loom_tensor ref = LOOM_TENSOR_EMPTY, fast = LOOM_TENSOR_EMPTY;
+        CHECK_OK(loom_attention(&ref, &q, &k, &v, &opts));
+        loom_set_linear_path(LOOM_PATH_BF16);
+        CHECK_OK(loom_attention(&fast, &q, &k, &v, &opts));
+        loom_set_linear_path(LOOM_PATH_F32);
+        if (ref.storage && fast.storage) {
+            double worst = 0, vmax = 0;
+            for (int64_t i = 0; i < loom_tensor_numel(&ref); i++) {
+                double e = fabs(loom_tensor_get_flat(&ref, i) - loom_tensor_get_flat(&fast, i));
+                if (e > worst) worst = e;
+            }
+            for (int64_t i = 0; i < loom_tensor_numel(&v); i++) {
+                double a = fabs(loom_tensor_get_flat(&v, i));
+                if (a > vmax) vmax = a;
+            }
+            CHECK(worst > 0 && worst < 0.05 * vmax,
+                  "case %zu: bf16-path attention differs from the f32 path by %.3g (limit %.3g, and "
+                  "above 0 since the operands are rounded)", ci, worst, 0.05 * vmax);
+        }
+        loom_tensor_free(&q);
+        loom_tensor_free(&k);
+        loom_tensor_free(&v);
+        loom_tensor_free(&m);
+        loom_tensor_free(&ref);
+        loom_tensor_free(&fast);
+    }
+}
+
 static void test_rope(void) {
     int64_t xs[4] = {2, 3, 5, 16};
     loom_tensor x = random_tensor(LOOM_F32, 4, xs);
@@ -911,6 +964,7 @@ int main(void) {
     test_kv_cache_bf16_append();
     test_attention_bf16_cache();
     test_attention_bf16_strided();
+    test_attention_bf16_path();
     test_rope();
     test_alibi();
     return check_summary();

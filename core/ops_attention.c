@@ -1,7 +1,9 @@
 /* Scaled dot-product attention (grouped-query heads, causal, masks, KV-cache
  * views), the KV cache (f32 or bf16), rotary position embeddings and MPT's
  * ALiBi bias. Scores follow PyTorch's eager attention in f32:
- * softmax(q @ k^T * scale + mask) @ v, with the row maximum subtracted. */
+ * softmax(q @ k^T * scale + mask) @ v, with the row maximum subtracted. On
+ * the bf16 linear path with AMX, queries in groups of 4 or more take bf16
+ * operands with f32 sums instead (attend_amx). */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -217,10 +219,10 @@ static void attend_gemm(float *out, const attn_params *ap, const attn_operand *q
     }
 }
 
-/* The same on the bf16 linear path with AMX: both products on AMX tiles,
- * with q, k, the probabilities and v rounded to bf16 and f32 sums, as the
- * bf16 path's linear layers round their inputs. kb (nk x d) and vtb (dv x
- * nk) are scratch for this head's keys and transposed values in bf16.
+/* Compute attend_gemm's head on AMX tiles, for the bf16 linear path. The
+ * operands q, k, the probabilities and v are rounded to bf16 and the sums
+ * stay f32, as the path's linear layers round their inputs. kb (nk x d) and
+ * vtb (dv x nk) are scratch for this head's keys and transposed values.
  * Returns LOOM_ERR when memory runs out. */
 /* f32 to bf16, nearest even, NaN kept quiet: loom_f32_to_bf16 inlined for
  * the conversion loops below. */

@@ -435,7 +435,7 @@ run("flamingo script", function()
 
   out, code = run_script("--model x")
   check.equal(code, 2, "usage error exits 2")
-  check.check(out:find("missing --shots", 1, true) ~= nil, "usage error names the option: " .. out)
+  check.check(out:find("missing --image", 1, true) ~= nil, "usage error names the option: " .. out)
   out, code = run_script("--help")
   check.equal(code, 0, "--help exits 0")
   check.check(out:find("--shots FILE", 1, true) ~= nil, "--help describes --shots")

@@ -224,16 +224,6 @@ static void attend_gemm(float *out, const attn_params *ap, const attn_operand *q
  * stay f32, as the path's linear layers round their inputs. kb (nk x d) and
  * vtb (dv x nk) are scratch for this head's keys and transposed values.
  * Returns LOOM_ERR when memory runs out. */
-/* f32 to bf16, nearest even, NaN kept quiet: loom_f32_to_bf16 inlined for
- * the conversion loops below. */
-static inline uint16_t bf16_of(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 static int attend_amx(float *out, const attn_params *ap, const attn_operand *q,
                       const attn_operand *k, const attn_operand *v, int64_t b, int64_t h,
                       float *scores, uint16_t *kb, uint16_t *vtb) {
@@ -244,8 +234,8 @@ static int attend_amx(float *out, const attn_params *ap, const attn_operand *q,
      * the scale is a power of two, as 1/sqrt(64) is) */
     for (int64_t j = 0; j < nk; j++) {
         const float *kr = kp + j * k->s[2], *vr = vp + j * v->s[2];
-        for (int64_t c = 0; c < d; c++) kb[j * d + c] = bf16_of(kr[c * k->s[3]] * ap->scale);
-        for (int64_t c = 0; c < dv; c++) vtb[c * nk + j] = bf16_of(vr[c * v->s[3]]);
+        for (int64_t c = 0; c < d; c++) kb[j * d + c] = loom_f32_bits_to_bf16(kr[c * k->s[3]] * ap->scale);
+        for (int64_t c = 0; c < dv; c++) vtb[c * nk + j] = loom_f32_bits_to_bf16(vr[c * v->s[3]]);
     }
     for (int64_t i0 = 0; i0 < ap->nq; i0 += ATTN_QBLOCK) {
         int64_t nb = ap->nq - i0 < ATTN_QBLOCK ? ap->nq - i0 : ATTN_QBLOCK;
@@ -259,109 +249,23 @@ static int attend_amx(float *out, const attn_params *ap, const attn_operand *q,
     return LOOM_OK;
 }
 
-/* s[j] = scale * dot(q, k_j) for nk key rows ldk floats apart, all with
- * unit inner stride, four keys at a time. */
-__attribute__((target("avx512f"))) static void scores_avx512(float *s, const float *q,
-                                                             const float *k, int64_t ldk,
-                                                             int64_t nk, int64_t d, float scale) {
-    __mmask16 tail = (__mmask16)((1u << (d % 16)) - 1);
-    int64_t dfull = d - d % 16;
-    int64_t j = 0;
-    for (; j + 4 <= nk; j += 4) {
-        const float *k0 = k + j * ldk;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t c = 0; c < dfull; c += 16) {
-            __m512 qv = _mm512_loadu_ps(q + c);
-            a0 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + c), a0);
-            a1 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + ldk + c), a1);
-            a2 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + 2 * ldk + c), a2);
-            a3 = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + 3 * ldk + c), a3);
-        }
-        if (tail) {
-            __m512 qv = _mm512_maskz_loadu_ps(tail, q + dfull);
-            a0 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(tail, k0 + dfull), a0);
-            a1 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(tail, k0 + ldk + dfull), a1);
-            a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(tail, k0 + 2 * ldk + dfull), a2);
-            a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(tail, k0 + 3 * ldk + dfull), a3);
-        }
-        s[j] = _mm512_reduce_add_ps(a0) * scale;
-        s[j + 1] = _mm512_reduce_add_ps(a1) * scale;
-        s[j + 2] = _mm512_reduce_add_ps(a2) * scale;
-        s[j + 3] = _mm512_reduce_add_ps(a3) * scale;
-    }
-    for (; j < nk; j++) {
-        const float *kj = k + j * ldk;
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t c = 0; c < dfull; c += 16)
-            a = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(kj + c), a);
-        if (tail)
-            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q + dfull),
-                                _mm512_maskz_loadu_ps(tail, kj + dfull), a);
-        s[j] = _mm512_reduce_add_ps(a) * scale;
-    }
-}
-
-/* o[0 .. dv) = sum over j of p[j] * v_j for nk value rows ldv floats apart
- * with unit inner stride, 64 output columns at a time in registers. */
-__attribute__((target("avx512f"))) static void weighted_sum_avx512(float *o, const float *p,
-                                                                   const float *v, int64_t ldv,
-                                                                   int64_t nk, int64_t dv) {
-    for (int64_t c0 = 0; c0 < dv; c0 += 64) {
-        __mmask16 m[4];
-        for (int i = 0; i < 4; i++) {
-            int64_t left = dv - c0 - 16 * i;
-            m[i] = 0;
-            if (left >= 16)
-                m[i] = 0xFFFF;
-            else if (left > 0)
-                m[i] = (__mmask16)((1u << left) - 1);
-        }
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t j = 0; j < nk; j++) {
-            if (p[j] == 0.0f) continue;
-            __m512 pj = _mm512_set1_ps(p[j]);
-            const float *vj = v + j * ldv + c0;
-            a0 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m[0], vj), a0);
-            a1 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m[1], vj + 16), a1);
-            a2 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m[2], vj + 32), a2);
-            a3 = _mm512_fmadd_ps(pj, _mm512_maskz_loadu_ps(m[3], vj + 48), a3);
-        }
-        _mm512_mask_storeu_ps(o + c0, m[0], a0);
-        _mm512_mask_storeu_ps(o + c0 + 16, m[1], a1);
-        _mm512_mask_storeu_ps(o + c0 + 32, m[2], a2);
-        _mm512_mask_storeu_ps(o + c0 + 48, m[3], a3);
-    }
-}
-
-/* The portable versions of the two kernels above, for any strides. */
-static void scores_strided(float *s, const float *q, int64_t qs, const float *k, int64_t ldk,
-                           int64_t ks, int64_t nk, int64_t d, float scale) {
-    for (int64_t j = 0; j < nk; j++) {
-        const float *kj = k + j * ldk;
-        float dot = 0;
-        for (int64_t c = 0; c < d; c++) dot += q[c * qs] * kj[c * ks];
-        s[j] = dot * scale;
-    }
-}
-
-static void weighted_sum_strided(float *o, const float *p, const float *v, int64_t ldv,
-                                 int64_t vs, int64_t nk, int64_t dv) {
-    memset(o, 0, (size_t)dv * sizeof(float));
-    for (int64_t j = 0; j < nk; j++) {
-        if (p[j] == 0.0f) continue;
-        const float *vj = v + j * ldv;
-        for (int64_t c = 0; c < dv; c++) o[c] += p[j] * vj[c * vs];
-    }
-}
-
-/* ---- the same kernels over bf16 keys and values (a bf16 KV cache)
+/* ---- the loop kernels, for f32 keys and values and for bf16 ones (a bf16
+ * KV cache)
  *
- * Each widens 16 bf16 values to f32 in registers, since a bf16 is the top
- * half of an f32. It then runs the f32 kernel's operations in the same
- * order, so its result equals the f32 kernel's over the widened values bit
- * for bit. */
+ * One template defines both. The bf16 kernels widen 16 bf16 values to f32
+ * in registers, since a bf16 is the top half of an f32, and then run the
+ * f32 kernels' operations in the same order. Their results therefore equal
+ * the f32 kernels' over the widened values bit for bit. */
 
 #define AVX512_BF16_LOADS "avx512f,avx512bw,avx512vl"
+
+__attribute__((target("avx512f"))) static inline __m512 load16_f32(const float *p) {
+    return _mm512_loadu_ps(p);
+}
+
+__attribute__((target("avx512f"))) static inline __m512 maskz_load16_f32(__mmask16 m, const float *p) {
+    return _mm512_maskz_loadu_ps(m, p);
+}
 
 __attribute__((target(AVX512_BF16_LOADS))) static inline __m512 load16_bf16(const uint16_t *p) {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
@@ -375,101 +279,111 @@ __attribute__((target(AVX512_BF16_LOADS))) static inline __m512 maskz_load16_bf1
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-/* scores_avx512 with bf16 keys. */
-__attribute__((target(AVX512_BF16_LOADS))) static void scores_bf16_avx512(float *s, const float *q,
-                                                                         const uint16_t *k,
-                                                                         int64_t ldk, int64_t nk,
-                                                                         int64_t d, float scale) {
-    __mmask16 tail = (__mmask16)((1u << (d % 16)) - 1);
-    int64_t dfull = d - d % 16;
-    int64_t j = 0;
-    for (; j + 4 <= nk; j += 4) {
-        const uint16_t *k0 = k + j * ldk;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t c = 0; c < dfull; c += 16) {
-            __m512 qv = _mm512_loadu_ps(q + c);
-            a0 = _mm512_fmadd_ps(qv, load16_bf16(k0 + c), a0);
-            a1 = _mm512_fmadd_ps(qv, load16_bf16(k0 + ldk + c), a1);
-            a2 = _mm512_fmadd_ps(qv, load16_bf16(k0 + 2 * ldk + c), a2);
-            a3 = _mm512_fmadd_ps(qv, load16_bf16(k0 + 3 * ldk + c), a3);
-        }
-        if (tail) {
-            __m512 qv = _mm512_maskz_loadu_ps(tail, q + dfull);
-            a0 = _mm512_fmadd_ps(qv, maskz_load16_bf16(tail, k0 + dfull), a0);
-            a1 = _mm512_fmadd_ps(qv, maskz_load16_bf16(tail, k0 + ldk + dfull), a1);
-            a2 = _mm512_fmadd_ps(qv, maskz_load16_bf16(tail, k0 + 2 * ldk + dfull), a2);
-            a3 = _mm512_fmadd_ps(qv, maskz_load16_bf16(tail, k0 + 3 * ldk + dfull), a3);
-        }
-        s[j] = _mm512_reduce_add_ps(a0) * scale;
-        s[j + 1] = _mm512_reduce_add_ps(a1) * scale;
-        s[j + 2] = _mm512_reduce_add_ps(a2) * scale;
-        s[j + 3] = _mm512_reduce_add_ps(a3) * scale;
-    }
-    for (; j < nk; j++) {
-        const uint16_t *kj = k + j * ldk;
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t c = 0; c < dfull; c += 16)
-            a = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), load16_bf16(kj + c), a);
-        if (tail)
-            a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q + dfull),
-                                maskz_load16_bf16(tail, kj + dfull), a);
-        s[j] = _mm512_reduce_add_ps(a) * scale;
-    }
+static inline float value_f32(float x) {
+    return x;
 }
 
-/* weighted_sum_avx512 with bf16 values. */
-__attribute__((target(AVX512_BF16_LOADS))) static void weighted_sum_bf16_avx512(float *o,
-                                                                               const float *p,
-                                                                               const uint16_t *v,
-                                                                               int64_t ldv,
-                                                                               int64_t nk,
-                                                                               int64_t dv) {
-    for (int64_t c0 = 0; c0 < dv; c0 += 64) {
-        __mmask16 m[4];
-        for (int i = 0; i < 4; i++) {
-            int64_t left = dv - c0 - 16 * i;
-            m[i] = 0;
-            if (left >= 16)
-                m[i] = 0xFFFF;
-            else if (left > 0)
-                m[i] = (__mmask16)((1u << left) - 1);
-        }
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t j = 0; j < nk; j++) {
-            if (p[j] == 0.0f) continue;
-            __m512 pj = _mm512_set1_ps(p[j]);
-            const uint16_t *vj = v + j * ldv + c0;
-            a0 = _mm512_fmadd_ps(pj, maskz_load16_bf16(m[0], vj), a0);
-            a1 = _mm512_fmadd_ps(pj, maskz_load16_bf16(m[1], vj + 16), a1);
-            a2 = _mm512_fmadd_ps(pj, maskz_load16_bf16(m[2], vj + 32), a2);
-            a3 = _mm512_fmadd_ps(pj, maskz_load16_bf16(m[3], vj + 48), a3);
-        }
-        _mm512_mask_storeu_ps(o + c0, m[0], a0);
-        _mm512_mask_storeu_ps(o + c0 + 16, m[1], a1);
-        _mm512_mask_storeu_ps(o + c0 + 32, m[2], a2);
-        _mm512_mask_storeu_ps(o + c0 + 48, m[3], a3);
+/* The kernels for keys and values of type ELEM, read with TYPE's loads:
+ *   scores_TYPE_avx512   s[j] = scale * dot(q, k_j) for nk key rows ldk
+ *                        elements apart, unit inner stride, four keys at a time
+ *   weighted_sum_TYPE_avx512  o[0 .. dv) = sum over j of p[j] * v_j, value rows
+ *                        ldv elements apart, unit inner stride, 64 columns at a
+ *                        time (rows with p[j] == 0 skipped)
+ *   scores_TYPE_strided, weighted_sum_TYPE_strided  the same for any strides */
+#define DEFINE_LOOP_KERNELS(TYPE, TARGET, ELEM)                                                  \
+    __attribute__((target(TARGET))) static void scores_##TYPE##_avx512(                          \
+        float *s, const float *q, const ELEM *k, int64_t ldk, int64_t nk, int64_t d, float scale) { \
+        __mmask16 tail = (__mmask16)((1u << (d % 16)) - 1);                                       \
+        int64_t dfull = d - d % 16;                                                               \
+        int64_t j = 0;                                                                            \
+        for (; j + 4 <= nk; j += 4) {                                                             \
+            const ELEM *k0 = k + j * ldk;                                                         \
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                           \
+            for (int64_t c = 0; c < dfull; c += 16) {                                             \
+                __m512 qv = _mm512_loadu_ps(q + c);                                               \
+                a0 = _mm512_fmadd_ps(qv, load16_##TYPE(k0 + c), a0);                              \
+                a1 = _mm512_fmadd_ps(qv, load16_##TYPE(k0 + ldk + c), a1);                        \
+                a2 = _mm512_fmadd_ps(qv, load16_##TYPE(k0 + 2 * ldk + c), a2);                    \
+                a3 = _mm512_fmadd_ps(qv, load16_##TYPE(k0 + 3 * ldk + c), a3);                    \
+            }                                                                                     \
+            if (tail) {                                                                           \
+                __m512 qv = _mm512_maskz_loadu_ps(tail, q + dfull);                               \
+                a0 = _mm512_fmadd_ps(qv, maskz_load16_##TYPE(tail, k0 + dfull), a0);              \
+                a1 = _mm512_fmadd_ps(qv, maskz_load16_##TYPE(tail, k0 + ldk + dfull), a1);        \
+                a2 = _mm512_fmadd_ps(qv, maskz_load16_##TYPE(tail, k0 + 2 * ldk + dfull), a2);    \
+                a3 = _mm512_fmadd_ps(qv, maskz_load16_##TYPE(tail, k0 + 3 * ldk + dfull), a3);    \
+            }                                                                                     \
+            s[j] = _mm512_reduce_add_ps(a0) * scale;                                              \
+            s[j + 1] = _mm512_reduce_add_ps(a1) * scale;                                          \
+            s[j + 2] = _mm512_reduce_add_ps(a2) * scale;                                          \
+            s[j + 3] = _mm512_reduce_add_ps(a3) * scale;                                          \
+        }                                                                                         \
+        for (; j < nk; j++) {                                                                     \
+            const ELEM *kj = k + j * ldk;                                                         \
+            __m512 a = _mm512_setzero_ps();                                                       \
+            for (int64_t c = 0; c < dfull; c += 16)                                               \
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), load16_##TYPE(kj + c), a);            \
+            if (tail)                                                                             \
+                a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q + dfull),                       \
+                                    maskz_load16_##TYPE(tail, kj + dfull), a);                    \
+            s[j] = _mm512_reduce_add_ps(a) * scale;                                               \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    __attribute__((target(TARGET))) static void weighted_sum_##TYPE##_avx512(                    \
+        float *o, const float *p, const ELEM *v, int64_t ldv, int64_t nk, int64_t dv) {           \
+        for (int64_t c0 = 0; c0 < dv; c0 += 64) {                                                 \
+            __mmask16 m[4];                                                                       \
+            for (int i = 0; i < 4; i++) {                                                         \
+                int64_t left = dv - c0 - 16 * i;                                                  \
+                m[i] = 0;                                                                         \
+                if (left >= 16)                                                                   \
+                    m[i] = 0xFFFF;                                                                \
+                else if (left > 0)                                                                \
+                    m[i] = (__mmask16)((1u << left) - 1);                                         \
+            }                                                                                     \
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                           \
+            for (int64_t j = 0; j < nk; j++) {                                                    \
+                if (p[j] == 0.0f) continue;                                                       \
+                __m512 pj = _mm512_set1_ps(p[j]);                                                 \
+                const ELEM *vj = v + j * ldv + c0;                                                \
+                a0 = _mm512_fmadd_ps(pj, maskz_load16_##TYPE(m[0], vj), a0);                      \
+                a1 = _mm512_fmadd_ps(pj, maskz_load16_##TYPE(m[1], vj + 16), a1);                 \
+                a2 = _mm512_fmadd_ps(pj, maskz_load16_##TYPE(m[2], vj + 32), a2);                 \
+                a3 = _mm512_fmadd_ps(pj, maskz_load16_##TYPE(m[3], vj + 48), a3);                 \
+            }                                                                                     \
+            _mm512_mask_storeu_ps(o + c0, m[0], a0);                                              \
+            _mm512_mask_storeu_ps(o + c0 + 16, m[1], a1);                                         \
+            _mm512_mask_storeu_ps(o + c0 + 32, m[2], a2);                                         \
+            _mm512_mask_storeu_ps(o + c0 + 48, m[3], a3);                                         \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    static void scores_##TYPE##_strided(float *s, const float *q, int64_t qs, const ELEM *k,      \
+                                        int64_t ldk, int64_t ks, int64_t nk, int64_t d,           \
+                                        float scale) {                                            \
+        for (int64_t j = 0; j < nk; j++) {                                                        \
+            const ELEM *kj = k + j * ldk;                                                         \
+            float dot = 0;                                                                        \
+            for (int64_t c = 0; c < d; c++) dot += q[c * qs] * value_##TYPE(kj[c * ks]);          \
+            s[j] = dot * scale;                                                                   \
+        }                                                                                         \
+    }                                                                                             \
+                                                                                                  \
+    static void weighted_sum_##TYPE##_strided(float *o, const float *p, const ELEM *v,            \
+                                              int64_t ldv, int64_t vs, int64_t nk, int64_t dv) {  \
+        memset(o, 0, (size_t)dv * sizeof(float));                                                 \
+        for (int64_t j = 0; j < nk; j++) {                                                        \
+            if (p[j] == 0.0f) continue;                                                           \
+            const ELEM *vj = v + j * ldv;                                                         \
+            for (int64_t c = 0; c < dv; c++) o[c] += p[j] * value_##TYPE(vj[c * vs]);             \
+        }                                                                                         \
     }
-}
 
-static void scores_bf16_strided(float *s, const float *q, int64_t qs, const uint16_t *k,
-                                int64_t ldk, int64_t ks, int64_t nk, int64_t d, float scale) {
-    for (int64_t j = 0; j < nk; j++) {
-        const uint16_t *kj = k + j * ldk;
-        float dot = 0;
-        for (int64_t c = 0; c < d; c++) dot += q[c * qs] * loom_bf16_bits_to_f32(kj[c * ks]);
-        s[j] = dot * scale;
-    }
-}
-
-static void weighted_sum_bf16_strided(float *o, const float *p, const uint16_t *v, int64_t ldv,
-                                      int64_t vs, int64_t nk, int64_t dv) {
-    memset(o, 0, (size_t)dv * sizeof(float));
-    for (int64_t j = 0; j < nk; j++) {
-        if (p[j] == 0.0f) continue;
-        const uint16_t *vj = v + j * ldv;
-        for (int64_t c = 0; c < dv; c++) o[c] += p[j] * loom_bf16_bits_to_f32(vj[c * vs]);
-    }
-}
+#define value_bf16 loom_bf16_bits_to_f32
+DEFINE_LOOP_KERNELS(f32, "avx512f", float)
+DEFINE_LOOP_KERNELS(bf16, AVX512_BF16_LOADS, uint16_t)
+#undef value_bf16
 
 static bool cpu_has_avx512_bf16_loads(void) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -488,9 +402,9 @@ static void attend_scores(float *s, const float *qi, int64_t qs, const attn_oper
         else
             scores_bf16_strided(s, qi, qs, kp, k->s[2], k->s[3], ap->nk, ap->d, ap->scale);
     } else if (qs == 1 && k->s[3] == 1 && cpu_has_avx512f()) {
-        scores_avx512(s, qi, kp, k->s[2], ap->nk, ap->d, ap->scale);
+        scores_f32_avx512(s, qi, kp, k->s[2], ap->nk, ap->d, ap->scale);
     } else {
-        scores_strided(s, qi, qs, kp, k->s[2], k->s[3], ap->nk, ap->d, ap->scale);
+        scores_f32_strided(s, qi, qs, kp, k->s[2], k->s[3], ap->nk, ap->d, ap->scale);
     }
 }
 
@@ -503,9 +417,9 @@ static void attend_values(float *o, const float *p, const attn_operand *v, const
         else
             weighted_sum_bf16_strided(o, p, vp, v->s[2], v->s[3], ap->nk, ap->dv);
     } else if (v->s[3] == 1 && cpu_has_avx512f()) {
-        weighted_sum_avx512(o, p, vp, v->s[2], ap->nk, ap->dv);
+        weighted_sum_f32_avx512(o, p, vp, v->s[2], ap->nk, ap->dv);
     } else {
-        weighted_sum_strided(o, p, vp, v->s[2], v->s[3], ap->nk, ap->dv);
+        weighted_sum_f32_strided(o, p, vp, v->s[2], v->s[3], ap->nk, ap->dv);
     }
 }
 
@@ -705,15 +619,6 @@ int loom_kv_cache_init_dtype(loom_kv_cache *c, int64_t batch, int64_t n_kv_heads
     return LOOM_OK;
 }
 
-/* f32 to bf16 with rounding to nearest even, the same bits as loom_f32_to_bf16. */
-static inline uint16_t round_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 /* Copy f32 src (B, H, T, C), any strides, into the bf16 cache view dst of
  * the same shape. loom_tensor_copy_into gives the same bits but converts
  * element by element through double, which made one-position appends to a
@@ -728,9 +633,9 @@ static void copy_f32_to_bf16_rows(loom_tensor *dst, const loom_tensor *src) {
                 const float *srow = sp + b * src->strides[0] + h * src->strides[1] + t * src->strides[2];
                 uint16_t *drow = dp + b * dst->strides[0] + h * dst->strides[1] + t * dst->strides[2];
                 if (ss == 1 && ds == 1) {
-                    for (int64_t i = 0; i < n; i++) drow[i] = round_to_bf16(srow[i]);
+                    for (int64_t i = 0; i < n; i++) drow[i] = loom_f32_bits_to_bf16(srow[i]);
                 } else {
-                    for (int64_t i = 0; i < n; i++) drow[i * ds] = round_to_bf16(srow[i * ss]);
+                    for (int64_t i = 0; i < n; i++) drow[i * ds] = loom_f32_bits_to_bf16(srow[i * ss]);
                 }
             }
         }

@@ -74,6 +74,16 @@ static inline float loom_bf16_bits_to_f32(uint16_t b) {
     return f;
 }
 
+/* Round f32 to bf16, nearest even, keeping a NaN quiet: the bits of
+ * loom_f32_to_bf16, inlined for conversion loops. */
+static inline uint16_t loom_f32_bits_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
 static inline float loom_f16_bits_to_f32(uint16_t h) {
 #if defined(__F16C__)
     return _cvtsh_ss(h);

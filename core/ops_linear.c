@@ -352,33 +352,6 @@ round_row_bf16(uint16_t *dst, const float *src, int64_t n, int64_t n_pad) {
     for (int64_t j = n; j < n_pad; j++) dst[j] = 0;
 }
 
-/* Transpose a 16x16 block of 32-bit words: col[c] receives word c of
- * row[0..15]. Three stages (32-bit, 64-bit, 128-bit lanes) of shuffles. */
-__attribute__((target("avx512f"))) static inline void transpose16x16(const __m512i row[16],
-                                                                    __m512i col[16]) {
-    __m512i t[16], u[16];
-    for (int i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_epi32(row[2 * i], row[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(row[2 * i], row[2 * i + 1]);
-    }
-    /* u[4g + c] contains words c, c + 4, c + 8, c + 12 of rows 4g .. 4g + 3, one per 128-bit lane. */
-    for (int g = 0; g < 4; g++) {
-        u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-    }
-    for (int c = 0; c < 4; c++) {
-        __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);
-        __m512i v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
-        __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
-        __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
-        col[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
-        col[c + 8] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
-        col[c + 4] = _mm512_shuffle_i32x4(v1, v3, 0x88);
-        col[c + 12] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
-    }
-}
 
 /* Pack weight rows n0 .. n0 + nr (nr <= BF_NR, missing columns zero) over
  * inputs k0 .. k0 + kc into (kc + 1) / 2 groups of BF_NR 32-bit k-pairs

@@ -5,6 +5,7 @@
 #ifndef LOOM_OPS_LINEAR_INTERNAL_H
 #define LOOM_OPS_LINEAR_INTERNAL_H
 
+#include <immintrin.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -56,5 +57,33 @@ int loom_linear_amx(float *c, const loom_blas_mat *xm, const uint16_t *w, int64_
  * come with it. */
 int loom_linear_amx_few(float *c, const loom_blas_mat *xm, const uint16_t *w, int64_t ldw,
                         int64_t n_out, const float *bias);
+
+/* Transpose a 16x16 block of 32-bit words: col[c] receives word c of
+ * row[0..15]. Three stages (32-bit, 64-bit, 128-bit lanes) of shuffles. */
+__attribute__((target("avx512f"))) static inline void transpose16x16(const __m512i row[16],
+                                                                    __m512i col[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(row[2 * i], row[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(row[2 * i], row[2 * i + 1]);
+    }
+    /* u[4g + c] contains words c, c + 4, c + 8, c + 12 of rows 4g .. 4g + 3, one per 128-bit lane. */
+    for (int g = 0; g < 4; g++) {
+        u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88);
+        __m512i v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+        __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+        __m512i v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+        col[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+        col[c + 8] = _mm512_shuffle_i32x4(v0, v2, 0xdd);
+        col[c + 4] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+        col[c + 12] = _mm512_shuffle_i32x4(v1, v3, 0xdd);
+    }
+}
 
 #endif

@@ -175,4 +175,25 @@ function GatedMLP:forward(x)
   return self.down:forward(self.act(self.gate:forward(x)) * self.up:forward(x))
 end
 
+-- ---------------------------------------------------------------------------
+-- Segments of several sequences in one pass (dynamic batching)
+
+-- Join the segments' embeds (1, t_i, D) side by side into x (1, N, D).
+-- Returns x and the list of lengths t_i.
+function nn.join_segments(segments)
+  local parts, lengths = {}, {}
+  for i, s in ipairs(segments) do parts[i], lengths[i] = s.embeds, s.embeds:size(2) end
+  return #parts == 1 and parts[1] or loom.cat(parts, 2), lengths -- S x (1, t_i, D) -> (1, N, D)
+end
+
+-- Gather the last row of each segment of x (1, N, D) into (1, S, D).
+function nn.segment_lasts(x, lengths)
+  local lasts, offset = {}, 0
+  for i, t in ipairs(lengths) do
+    offset = offset + t
+    lasts[i] = x:narrow(2, offset, 1) -- (1, 1, D)
+  end
+  return #lasts == 1 and lasts[1] or loom.cat(lasts, 2) -- S x (1, 1, D) -> (1, S, D)
+end
+
 return nn

@@ -267,30 +267,22 @@ end
 -- forward_segments(x, segments, lengths, li, pass) and hands `pass` on.
 -- Returns logits (S, V) of the last position of every segment, in order.
 function Model:forward_segments(segments)
-  local parts, lengths = {}, {}
+  local x, lengths = nn.join_segments(segments)
   for i, s in ipairs(segments) do
-    parts[i], lengths[i] = s.embeds, s.embeds:size(2)
     if s.cache.length + lengths[i] > s.cache.capacity then
       error(string.format("KV cache is full: %d positions cached + %d new exceeds its capacity of %d",
         s.cache.length, lengths[i], s.cache.capacity), 2)
     end
   end
-  local x = #parts == 1 and parts[1] or loom.cat(parts, 2) -- S x (1, t_i, D) -> (1, N, D)
   local pass = { positions = M.segment_positions(segments) }
   for li, layer in ipairs(self.layers) do
     x = layer:forward_segments(x, segments, lengths, li, pass)
   end
   x = self.norm:forward(x)
 
+  for i, s in ipairs(segments) do s.cache.length = s.cache.length + lengths[i] end
   -- the last position of each segment through the output head
-  local lasts, offset = {}, 0
-  for i, s in ipairs(segments) do
-    offset = offset + lengths[i]
-    lasts[i] = x:narrow(2, offset, 1) -- (1, 1, D)
-    s.cache.length = s.cache.length + lengths[i]
-  end
-  local last = #lasts == 1 and lasts[1] or loom.cat(lasts, 2) -- S x (1, 1, D) -> (1, S, D)
-  return self.lm_head:forward(last):select(1, 1) -- (1, S, V) -> (S, V)
+  return self.lm_head:forward(nn.segment_lasts(x, lengths)):select(1, 1) -- (1, S, V) -> (S, V)
 end
 
 M.Model = Model

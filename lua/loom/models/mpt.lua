@@ -130,9 +130,9 @@ end
 
 -- The layer over segments of different sequences side by side: x (1, N, D)
 -- contains segments[i]'s lengths[i] rows in order. Norms, projections and the
--- feed-forward run once over all N rows; the cache append and attention
--- run per segment on its own cache (layer `li`) under its ALiBi bias
--- biases[i], so no sequence attends to another's keys.
+-- feed-forward run once over all N rows. The cache append and attention run
+-- per segment on its own cache (layer `li`) under its ALiBi bias biases[i],
+-- so no sequence attends to another's keys.
 function Layer:forward_segments(x, segments, lengths, li, biases)
   local q, k, v = self:project_qkv(self.norm_1:forward(x)) -- (1, N, D) each
   local outs, offset = {}, 1
@@ -271,9 +271,10 @@ end
 -- forward_segments(x, segments, lengths, li, biases). Returns logits (S, V)
 -- of the last position of every segment, in order.
 function Model:forward_segments(segments)
-  local parts, lengths, biases = {}, {}, {}
+  local x, lengths = nn.join_segments(segments)
+  local biases = {}
   for i, s in ipairs(segments) do
-    local t, past = s.embeds:size(2), s.cache.length
+    local t, past = lengths[i], s.cache.length
     if past + t > s.cache.capacity then
       error(string.format("KV cache is full: %d positions cached + %d new exceeds its capacity of %d",
         past, t, s.cache.capacity), 2)
@@ -281,23 +282,16 @@ function Model:forward_segments(segments)
     if past + t > self.cfg.max_seq_len then
       error(string.format("sequence of %d positions exceeds MPT's max_seq_len of %d", past + t, self.cfg.max_seq_len), 2)
     end
-    parts[i], lengths[i], biases[i] = s.embeds, t, self:attention_bias(past + t) -- (1, H, 1, K)
+    biases[i] = self:attention_bias(past + t) -- (1, H, 1, K)
   end
-  local x = #parts == 1 and parts[1] or loom.cat(parts, 2) -- S x (1, t_i, D) -> (1, N, D)
   for li, layer in ipairs(self.layers) do
     x = layer:forward_segments(x, segments, lengths, li, biases)
   end
   x = self.norm_f:forward(x)
 
+  for i, s in ipairs(segments) do s.cache.length = s.cache.length + lengths[i] end
   -- the last position of each segment through the output head
-  local lasts, offset = {}, 0
-  for i, s in ipairs(segments) do
-    offset = offset + lengths[i]
-    lasts[i] = x:narrow(2, offset, 1) -- (1, 1, D)
-    s.cache.length = s.cache.length + lengths[i]
-  end
-  local last = #lasts == 1 and lasts[1] or loom.cat(lasts, 2) -- S x (1, 1, D) -> (1, S, D)
-  return self.lm_head:forward(last):select(1, 1) -- (1, S, V) -> (S, V)
+  return self.lm_head:forward(nn.segment_lasts(x, lengths)):select(1, 1) -- (1, S, V) -> (S, V)
 end
 
 M.Model = Model

@@ -309,11 +309,13 @@ end
 
 -- Compute the positions of T new tokens in B rows with 0/1 mask rows (a
 -- tensor, Lua lists or nil for all 1) after the tokens `cache` (or nil)
--- contains. Returns a table of: index (B, T) i64 into embed_positions;
--- key_rows, the mask rows over cached and new keys; counts, each row's real
--- tokens; padded, whether any key is padding; mask (B, 1, 1, K) u8 for
--- attention, or nil when no key is padding. Raises at `level` when a
--- position lies beyond max_position_embeddings.
+-- contains. Returns a table with these fields:
+--   index     (B, T) i64 into embed_positions
+--   key_rows  the mask rows over cached and new keys
+--   counts    each row's real tokens
+--   padded    whether any key is padding
+--   mask      (B, 1, 1, K) u8 for attention, or nil when no key is padding
+-- Raises at `level` when a position lies beyond max_position_embeddings.
 function Model:positions(mask_rows, b, t, cache, level)
   if loom.is_tensor(mask_rows) then mask_rows = mask_rows:totable() end
   if mask_rows == nil then
@@ -360,7 +362,7 @@ end
 -- Run the decoder.
 --   args.inputs_embeds (B, T, word_embed_proj_dim) f32, or args.input_ids (B, T)
 --   args.attention_mask (B, T) 0/1 of the new positions as a tensor or Lua
---                      lists (default all 1); the cache keeps earlier ones
+--                      lists (default all 1). The cache keeps earlier ones.
 --   args.cache         from new_cache, or nil to run without one
 --   args.logits        "all" (default), "last" or false
 --   args.hook          debug hook function(name, tensor)
@@ -418,21 +420,20 @@ end
 -- every segment, in order. Raises before running anything when a cache
 -- cannot take its segment or a position lies beyond max_position_embeddings.
 function Model:forward_segments(segments)
-  local parts, lengths, states, masks, index = {}, {}, {}, {}, {}
+  local x, lengths = nn.join_segments(segments) -- (1, N, W)
+  local states, masks, index = {}, {}, {}
   for i, s in ipairs(segments) do
-    local cache, t = s.cache, s.embeds:size(2)
+    local cache, t = s.cache, lengths[i]
     if cache.batch ~= 1 or cache.length + t > cache.capacity then
       error(string.format("segment %d: KV cache of %d rows and %d positions (%d filled) cannot take 1 row of %d "
         .. "positions", i, cache.batch, cache.capacity, cache.length, t), 2)
     end
-    parts[i], lengths[i] = s.embeds, t
     states[i] = self:positions(s.attention_mask and { s.attention_mask }, 1, t, cache, 2)
     masks[i], index[i] = states[i].mask, states[i].index
   end
 
   -- token embeddings (projected to hidden_size) plus learned positions, all
   -- rows side by side
-  local x = #parts == 1 and parts[1] or loom.cat(parts, 2) -- S x (1, t_i, W) -> (1, N, W)
   local positions = self.embed_positions:forward(#index == 1 and index[1] or loom.cat(index, 2)) -- (1, N, D)
   if self.project_in then x = self.project_in:forward(x) end
   x = x + positions
@@ -442,15 +443,9 @@ function Model:forward_segments(segments)
   end
   x = self:finish(x)
 
+  for i, s in ipairs(segments) do advance(s.cache, lengths[i], states[i]) end
   -- the last position of each segment through the output head
-  local lasts, offset = {}, 0
-  for i, s in ipairs(segments) do
-    offset = offset + lengths[i]
-    lasts[i] = x:narrow(2, offset, 1) -- (1, 1, W)
-    advance(s.cache, lengths[i], states[i])
-  end
-  local last = #lasts == 1 and lasts[1] or loom.cat(lasts, 2) -- S x (1, 1, W) -> (1, S, W)
-  return self.lm_head:forward(last):select(1, 1) -- (1, S, V) -> (S, V)
+  return self.lm_head:forward(nn.segment_lasts(x, lengths)):select(1, 1) -- (1, S, V) -> (S, V)
 end
 
 M.Model = Model

@@ -505,7 +505,7 @@ function Model:decode_session(batch, rows, room, hook)
     state.mask, state.gate = mask, gate
     local logits = lm:forward({ inputs_embeds = embeds, positions = positions, key_mask = key_mask, cache = cache,
       logits = "last", hook = hook })
-    hook, state.hook = nil, nil -- the hook sees the prompt's pass only
+    hook, state.hook = nil, nil -- the hook receives the prompt's pass only
     return logits:select(2, 1) -- (B, 1, V) -> (B, V)
   end)
 end

@@ -122,7 +122,7 @@ end)
 run("IDEFICS segments match forward", function()
   check_segments(idefics_model, "one image and two", { "User:", { image = CHELSEA }, "A cat." },
     { { image = COFFEE }, "Coffee.", { image = CHELSEA }, "Cat" })
-  -- </s> is IDEFICS' reset token: the text after it sees no image
+  -- </s> is IDEFICS' reset token: the text after it attends to no image
   check_segments(idefics_model, "reset token", { { image = CHELSEA }, "A cat.</s>Then" }, { "No image" })
   check_segments(idefics_qk, "q/k norms", { { image = COFFEE }, "Cup" }, { { image = CHELSEA }, { image = COFFEE }, "Two" })
 end)
@@ -208,7 +208,7 @@ run("IDEFICS requests equal single", function()
 end)
 
 run("all-images mask mode", function()
-  -- only_attend_immediate_media = false: each token sees every earlier
+  -- only_attend_immediate_media = false: each token attends to every earlier
   -- image, and blocks average all latents' values for rows without one
   local dir = model_dir(OF_DIR, fixtures.of_tokenizer)
   local cfg = json.read(dir .. "/config.json")

@@ -182,9 +182,9 @@ do
     out, code = run("cd " .. quote(tmp) .. " && " .. loom_abs .. " " .. script .. " --out x")
     check.equal(code, 2, name .. " rejects an unknown option with status 2")
     check.check(out:find("unknown option '--out'", 1, true) ~= nil, name .. " names the option: " .. out)
-    local made = io.open(tmp .. "/--help", "r") or io.open(tmp .. "/--out", "r")
-    check.check(made == nil, name .. " creates no directory named after an option")
-    if made then made:close() end
+    local leftover = io.open(tmp .. "/--help", "r") or io.open(tmp .. "/--out", "r")
+    check.check(leftover == nil, name .. " creates no directory named after an option")
+    if leftover then leftover:close() end
   end
 end
 

@@ -97,7 +97,7 @@ end)
 -- Decoders
 
 -- Prefill `ids` and decode `steps` more tokens with cache opts `opts`. The
--- decoded tokens come from the prompt, so that every cache sees the same
+-- decoded tokens come from the prompt, so that every cache gets the same
 -- inputs. Returns the list of last-position logits (1, V) and the cache.
 local function decode(lm, ids, steps, opts)
   local cache = lm:new_cache(1, #ids + steps, opts)
